@@ -1,0 +1,1 @@
+"""netplugin: a libnetwork remote network driver and remote IPAM driver."""

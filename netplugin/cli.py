@@ -1,0 +1,88 @@
+"""`netplugin serve` and `netplugin status`."""
+import argparse
+import json
+import logging
+import sys
+
+from plugincore.errors import PluginError
+from plugincore.serve import serve, setup_logging
+from . import config as netconfig
+
+log = logging.getLogger("netplugin")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML file (default: $NETPLUGIN_CONFIG, else built-in defaults)")
+    common.add_argument("--state-dir", help="where state and locks live")
+    parser = argparse.ArgumentParser(prog="netplugin", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("serve", parents=[common], help="serve the Docker plugin on its Unix socket")
+    run.add_argument("--socket", help="socket path; Docker's driver name is its basename")
+    run.add_argument("--workers", type=int)
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    status = sub.add_parser("status", parents=[common], help="networks, endpoints and pools from the plugin's state")
+    status.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        config = netconfig.load(args.config, {"state_dir": args.state_dir,
+                                              "socket": getattr(args, "socket", None),
+                                              "workers": getattr(args, "workers", None),
+                                              "log_level": getattr(args, "log_level", None)})
+        if args.command == "serve":
+            _serve(config)
+        else:
+            _status(config, args.json)
+    except PluginError as exc:
+        print(f"netplugin: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _serve(config: dict) -> None:
+    from .reconcile import reconcile
+    from .service import Services, create_app
+
+    setup_logging(config["log_level"])
+
+    def on_ready():
+        try:
+            reconcile(Services(config).driver)
+        except Exception:  # noqa: BLE001 - keep serving: a dead plugin hangs dockerd (libnetwork#813)
+            log.exception("start-up reconciliation failed")
+
+    serve(lambda: create_app(config), config["socket"], workers=config["workers"],
+          threads=config["threads"], log_level=config["log_level"], on_ready=on_ready, name="netplugin")
+
+
+def _status(config: dict, as_json: bool) -> None:
+    from .service import Services
+
+    services = Services(config)
+    state = services.driver.state
+    report = {
+        "networks": [{"id": n.id, "mode": n.mode, "status": n.status, "parent": n.parent,
+                      "options": n.options, "gateway": n.gateway, "kernel": n.kernel}
+                     for n in state.networks()],
+        "endpoints": [{"id": e.id, "network": e.network_id, "address": e.address, "mac": e.mac,
+                       "joined": bool(e.sandbox), "links": e.kernel} for e in state.endpoints()],
+        "pools": services.ipam.pools(),
+    }
+    if as_json:
+        json.dump(report, sys.stdout, indent=2, default=str)
+        print()
+        return
+    print(f"{'NETWORK':14}{'MODE':8}{'STATUS':10}{'PARENT':10}{'BRIDGE':17}GATEWAY")
+    for n in report["networks"]:
+        print(f"{n['id'][:12]:14}{n['mode']:8}{n['status']:10}{n['parent'] or '-':10}"
+              f"{n['kernel'].get('bridge', '-'):17}{n['gateway'] or '-'}")
+    print(f"\n{'ENDPOINT':14}{'NETWORK':14}{'ADDRESS':20}{'MAC':19}JOINED")
+    for e in report["endpoints"]:
+        print(f"{e['id'][:12]:14}{e['network'][:12]:14}{e['address'] or '-':20}{e['mac']:19}"
+              f"{'yes' if e['joined'] else 'no'}")
+    print(f"\n{'POOL':40}REFS  IN USE")
+    for p in report["pools"]:
+        print(f"{str(p.get('pool')):40}{p.get('refs', '')!s:6}{p.get('in_use', '')}")

@@ -1,0 +1,20 @@
+"""netplugin configuration keys and their defaults (documented in config/netplugin.toml)."""
+from plugincore import config as _config
+
+DEFAULTS = {
+    "socket": "/run/docker/plugins/netplugin.sock",
+    "state_dir": "/var/lib/netplugin",
+    "workers": 2,
+    "threads": 4,
+    "log_level": "info",
+    "ipam": {
+        "default_supernet": "10.200.0.0/16",
+        "default_prefix": 24,
+        "default_supernet_v6": "",
+        "default_prefix_v6": 64,
+    },
+}
+
+
+def load(path: str | None = None, overrides: dict | None = None, environ=None) -> dict:
+    return _config.load(DEFAULTS, "NETPLUGIN", path, overrides, environ)

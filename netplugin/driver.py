@@ -1,0 +1,172 @@
+"""Network and endpoint lifecycle (the libnetwork remote driver), independent of HTTP.
+
+Every operation on a network holds that network's cross-process lock; every multi-step kernel change is
+undone on failure; Delete/Leave of an unknown ID succeeds (the plugin may have restarted, libnetwork#813).
+"""
+import logging
+import re
+
+from pyroute2 import IPRoute
+
+from plugincore.errors import InvalidRequest, NotFound
+from .kernel import firewall, names
+from .modes import get_mode
+from .modes.base import check_known_options
+from .state import CREATING, DELETING, READY, Endpoint, Network
+
+log = logging.getLogger("netplugin.driver")
+_ID = re.compile(r"^[A-Za-z0-9]{1,128}$")
+GENERIC = "com.docker.network.generic"
+INTERNAL = "com.docker.network.internal"
+
+
+def check_id(value, what: str) -> str:
+    if not isinstance(value, str) or not _ID.match(value):
+        raise InvalidRequest(f"{what}: {value!r} is not a valid ID")
+    return value
+
+
+class NetworkDriver:
+    def __init__(self, state, locks, scope: str = "local"):
+        self.state = state
+        self.locks = locks
+        self.scope = scope
+
+    def capabilities(self) -> dict:
+        return {"Scope": self.scope, "ConnectivityScope": self.scope}
+
+    def _lock(self, network_id: str):
+        return self.locks.hold("net-" + network_id[:32])
+
+    # networks
+    def create_network(self, network_id: str, options: dict, ipv4: list, ipv6: list) -> None:
+        check_id(network_id, "NetworkID")
+        generic = options.get(GENERIC) or {}
+        if not isinstance(generic, dict):
+            raise InvalidRequest(f"{GENERIC} must be an object")
+        generic = {str(k): v if isinstance(v, str) else str(v) for k, v in generic.items()}
+        mode = get_mode(generic.get("mode"))
+        with self._lock(network_id), IPRoute() as ipr:
+            existing = self.state.get_network(network_id)
+            if existing is not None and existing.status == READY:
+                return  # a repeated CreateNetwork (idempotent)
+            if existing is not None:  # an earlier attempt died half-way: start over cleanly
+                self.state.set_network_status(network_id, DELETING)
+                self._teardown(ipr, existing)
+            verdict = mode.validate(ipr, network_id, generic, ipv4 or [], ipv6 or [],
+                                    bool(options.get(INTERNAL)))
+            net = Network(id=network_id, mode=mode.name, options=verdict.options, ipv4=ipv4 or [],
+                          ipv6=ipv6 or [], parent=verdict.parent, status=CREATING, kernel=verdict.kernel)
+            self.state.claim_network(net)  # before any kernel change: the crash-recovery record
+            try:
+                net.kernel = mode.ensure_network(ipr, net)
+                net.status = READY
+                self.state.set_network_status(network_id, READY, net.kernel)
+                self.sync_firewall()
+            except BaseException:
+                log.warning("creating network %s failed; rolling back", network_id[:12])
+                self._undo(ipr, net)
+                raise
+        log.info("network %s created (%s on %s)", network_id[:12], mode.name, net.parent)
+
+    def delete_network(self, network_id: str) -> None:
+        check_id(network_id, "NetworkID")
+        with self._lock(network_id), IPRoute() as ipr:
+            net = self.state.get_network(network_id)
+            if net is None:
+                log.warning("DeleteNetwork of unknown network %s: nothing to do", network_id[:12])
+                return
+            self.state.set_network_status(network_id, DELETING)
+            self._teardown(ipr, net)
+        log.info("network %s deleted", network_id[:12])
+
+    def _teardown(self, ipr, net: Network) -> None:
+        """Remove everything of ``net`` (also a half-created one), then forget it. If a step fails the
+        row stays (status deleting) and start-up reconciliation retries, so nothing is orphaned."""
+        mode = get_mode(net.mode)
+        for ep in self.state.endpoints(net.id):
+            mode.remove_endpoint(ipr, net, ep)
+        mode.remove_network(ipr, net)
+        self.state.drop_network(net.id)
+        self.sync_firewall()
+
+    def _undo(self, ipr, net: Network) -> None:
+        """Roll back a failed create; an undo failure is logged, never raised over the real error."""
+        try:
+            self.state.set_network_status(net.id, DELETING)
+            self._teardown(ipr, net)
+        except Exception:  # noqa: BLE001
+            log.exception("rollback of network %s incomplete; retried at start-up", net.id[:12])
+
+    def sync_firewall(self) -> None:
+        with self.locks.hold("firewall"):
+            bridges = [b for net in self.state.networks() if net.status != DELETING
+                       for b in get_mode(net.mode).bridges(net)]
+            firewall.sync_forward_rules(bridges)
+
+    # endpoints
+    def _network(self, network_id: str) -> Network:
+        net = self.state.get_network(check_id(network_id, "NetworkID"))
+        if net is None or net.status != READY:
+            raise NotFound(f"network {network_id[:12]} is not known to this plugin")
+        return net
+
+    def create_endpoint(self, network_id: str, endpoint_id: str, interface: dict, options: dict) -> dict:
+        check_id(endpoint_id, "EndpointID")
+        with self._lock(network_id):
+            net = self._network(network_id)
+            mode = get_mode(net.mode)
+            check_known_options(options, mode.endpoint_options, "endpoint")
+            address = interface.get("Address") or ""
+            address6 = interface.get("AddressIPv6") or ""
+            mac = interface.get("MacAddress") or ""
+            reply = {}
+            if not mac:  # fill only what Docker left empty, else Docker rolls the endpoint back
+                mac = reply["MacAddress"] = names.mac_for(address)
+            user_options = {k: v for k, v in options.items() if not k.startswith("com.docker.")}
+            self.state.put_endpoint(Endpoint(id=endpoint_id, network_id=network_id, address=address,
+                                             address6=address6, mac=mac, options=user_options))
+        return {"Interface": reply}
+
+    def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
+        check_id(endpoint_id, "EndpointID")
+        with self._lock(check_id(network_id, "NetworkID")), IPRoute() as ipr:
+            ep, net = self.state.get_endpoint(endpoint_id), self.state.get_network(network_id)
+            if ep is None:
+                log.warning("DeleteEndpoint of unknown endpoint %s: nothing to do", endpoint_id[:12])
+                return
+            if net is not None:
+                get_mode(net.mode).remove_endpoint(ipr, net, ep)
+            self.state.drop_endpoint(endpoint_id)
+
+    def join(self, network_id: str, endpoint_id: str, sandbox_key: str) -> dict:
+        check_id(endpoint_id, "EndpointID")
+        with self._lock(network_id), IPRoute() as ipr:
+            net = self._network(network_id)
+            ep = self.state.get_endpoint(endpoint_id)
+            if ep is None or ep.network_id != network_id:
+                raise NotFound(f"endpoint {endpoint_id[:12]} is not known to this plugin")
+            mode = get_mode(net.mode)
+            kernel, reply = mode.ensure_endpoint(ipr, net, ep)
+            try:
+                self.state.set_endpoint_join(endpoint_id, sandbox_key or "joined", kernel)
+            except BaseException:
+                mode.remove_endpoint(ipr, net, ep)
+                raise
+        return reply
+
+    def leave(self, network_id: str, endpoint_id: str) -> None:
+        check_id(endpoint_id, "EndpointID")
+        with self._lock(check_id(network_id, "NetworkID")), IPRoute() as ipr:
+            ep, net = self.state.get_endpoint(endpoint_id), self.state.get_network(network_id)
+            if ep is None or net is None:
+                log.warning("Leave of unknown endpoint %s: nothing to do", endpoint_id[:12])
+                return
+            get_mode(net.mode).remove_endpoint(ipr, net, ep)
+            self.state.set_endpoint_join(endpoint_id, "", {})
+
+    def oper_info(self, network_id: str, endpoint_id: str) -> dict:
+        ep, net = self.state.get_endpoint(endpoint_id), self.state.get_network(network_id)
+        if ep is None or net is None:
+            return {}
+        return get_mode(net.mode).oper_info(net, ep) | {"address": ep.address, "joined": bool(ep.sandbox)}

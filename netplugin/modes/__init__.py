@@ -1,0 +1,15 @@
+"""Registry of network modes: routes never branch on the mode, they look it up here."""
+from plugincore.errors import InvalidRequest
+from .base import Mode
+from .static import StaticMode
+
+MODES: dict[str, Mode] = {mode.name: mode for mode in (StaticMode(),)}
+DEFAULT_MODE = "static"
+
+
+def get_mode(name: str | None) -> Mode:
+    name = name or DEFAULT_MODE
+    try:
+        return MODES[name]
+    except KeyError:
+        raise InvalidRequest(f"unknown mode {name!r} (valid: {', '.join(sorted(MODES))})") from None

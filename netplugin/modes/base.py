@@ -1,0 +1,73 @@
+"""The interface every network mode implements; the driver picks a mode from the registry."""
+from dataclasses import dataclass, field
+
+from plugincore.errors import InvalidRequest
+
+MTU_OPTION = "com.docker.network.driver.mtu"
+
+
+@dataclass
+class Validated:
+    """A mode's read-only verdict on a CreateNetwork request."""
+
+    options: dict  # normalised options to persist
+    parent: str | None = None  # a NIC the network claims exclusively
+    kernel: dict = field(default_factory=dict)  # snapshot of what will change, to undo exactly that
+
+
+class Mode:
+    name = ""
+    network_options: dict[str, str] = {}  # accepted `-o` keys -> help text
+    endpoint_options: dict[str, str] = {}  # accepted `--driver-opt` keys -> help text
+
+    def validate(self, ipr, network_id: str, generic: dict, ipv4: list, ipv6: list,
+                 internal: bool) -> Validated:
+        """Check every option and the kernel preconditions without changing anything."""
+        raise NotImplementedError
+
+    def ensure_network(self, ipr, net) -> dict:
+        """Create or repair the network's kernel objects; return the kernel record to persist."""
+        raise NotImplementedError
+
+    def remove_network(self, ipr, net) -> None:
+        """Undo ensure_network, also a partial one; succeed when already undone."""
+        raise NotImplementedError
+
+    def ensure_endpoint(self, ipr, net, ep) -> tuple[dict, dict]:
+        """Create the endpoint's links for Join; return (kernel record, Join reply)."""
+        raise NotImplementedError
+
+    def remove_endpoint(self, ipr, net, ep) -> None:
+        raise NotImplementedError
+
+    def repair_endpoint(self, ipr, net, ep) -> bool:
+        """At start-up: re-attach a joined endpoint's surviving links; False if they are gone."""
+        raise NotImplementedError
+
+    def bridges(self, net) -> list[str]:
+        """Bridges whose traffic the FORWARD chain must accept."""
+        return []
+
+    def oper_info(self, net, ep) -> dict:
+        return {}
+
+
+def check_known_options(given: dict, known: dict[str, str], what: str) -> None:
+    unknown = sorted(k for k in given if k not in known and not k.startswith("com.docker."))
+    if unknown:
+        valid = ", ".join(sorted(known)) or "none"
+        raise InvalidRequest(f"unknown {what} option {', '.join(unknown)} (valid: {valid})")
+
+
+def parse_mtu(value, limit: int | None = None, limit_name: str = "") -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        mtu = int(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{MTU_OPTION}: {value!r} is not a number") from None
+    if not 68 <= mtu <= 65535:
+        raise InvalidRequest(f"{MTU_OPTION}: {mtu} is outside 68..65535")
+    if limit is not None and mtu > limit:
+        raise InvalidRequest(f"{MTU_OPTION}: {mtu} exceeds {limit_name}'s MTU {limit}")
+    return mtu

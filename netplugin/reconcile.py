@@ -1,0 +1,57 @@
+"""Start-up reconciliation: make the kernel match the persisted state before Docker's first request.
+
+Finishes or undoes operations a crash interrupted, repairs the pieces of live networks and endpoints,
+removes links the plugin owns (by name prefix) that no state explains, and rebuilds the FORWARD chain.
+"""
+import logging
+
+from pyroute2 import IPRoute
+
+from .kernel import links, names
+from .modes import get_mode
+from .state import READY
+
+log = logging.getLogger("netplugin.reconcile")
+
+
+def reconcile(driver) -> dict:
+    summary = {"networks": 0, "repaired_endpoints": 0, "lost_endpoints": 0, "undone_networks": 0,
+               "dropped_endpoints": 0, "orphan_links": 0}
+    state = driver.state
+    with IPRoute() as ipr:
+        for net in state.networks():
+            if net.status != READY:
+                try:
+                    driver._teardown(ipr, net)
+                    summary["undone_networks"] += 1
+                except Exception:  # noqa: BLE001 - one broken network must not stop the others
+                    log.exception("could not finish tearing down network %s", net.id[:12])
+                continue
+            try:
+                get_mode(net.mode).ensure_network(ipr, net)
+                summary["networks"] += 1
+            except Exception:  # noqa: BLE001
+                log.exception("could not repair network %s", net.id[:12])
+        live = {net.id: net for net in state.networks() if net.status == READY}
+        keep = {b for net in live.values() for b in get_mode(net.mode).bridges(net)}
+        for ep in state.endpoints():
+            net = live.get(ep.network_id)
+            if net is None:
+                state.drop_endpoint(ep.id)
+                summary["dropped_endpoints"] += 1
+            elif ep.sandbox:
+                keep.update(ep.kernel.values())
+                if get_mode(net.mode).repair_endpoint(ipr, net, ep):
+                    summary["repaired_endpoints"] += 1
+                else:
+                    # Its container end vanished with it; Docker's Leave/DeleteEndpoint will follow.
+                    log.warning("endpoint %s lost its interface", ep.id[:12])
+                    summary["lost_endpoints"] += 1
+        for link in links.list_links(ipr):
+            if names.is_owned(link.name) and link.name not in keep:
+                log.info("removing orphan link %s", link.name)
+                links.remove_link(ipr, link.name)
+                summary["orphan_links"] += 1
+    driver.sync_firewall()
+    log.info("reconciled: %s", summary)
+    return summary

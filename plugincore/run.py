@@ -1,0 +1,49 @@
+"""The one way this project runs a command: argv list, no shell, a timeout, typed errors with stderr."""
+import logging
+import os
+import subprocess
+
+from .errors import BackendError
+
+log = logging.getLogger("plugincore.run")
+DEFAULT_TIMEOUT = 30.0
+
+
+class CommandError(BackendError):
+    def __init__(self, argv: list[str], returncode: int | None, stderr: str, reason: str = ""):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        detail = reason or f"exit status {returncode}"
+        super().__init__(f"{argv[0]} failed ({detail}): {self.stderr or 'no error output'}")
+
+
+class CommandTimeout(CommandError):
+    pass
+
+
+class CommandNotFound(CommandError):
+    pass
+
+
+def run(argv: list[str], *, timeout: float = DEFAULT_TIMEOUT, input: str | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``argv`` and return the completed process (text output).
+
+    Raises CommandNotFound, CommandTimeout, or CommandError (non-zero exit when ``check``).
+    """
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise TypeError("argv must be a non-empty list of str")
+    env = dict(os.environ, LC_ALL="C")  # parsable, untranslated messages
+    try:
+        proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
+                              env=env, check=False)
+    except FileNotFoundError as exc:
+        raise CommandNotFound(argv, None, str(exc), "not installed") from exc
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        raise CommandTimeout(argv, None, stderr, f"timed out after {timeout:g}s") from exc
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, proc.stderr)
+    log.debug("ran %s -> %d", argv, proc.returncode)
+    return proc

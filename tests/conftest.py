@@ -1,0 +1,7 @@
+"""Make the repository root importable (``tests.lab``, ``netplugin``) however pytest is run."""
+import sys
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
