@@ -33,6 +33,7 @@ def reconcile(driver) -> dict:
             except Exception:  # noqa: BLE001
                 log.exception("could not repair network %s", net.id[:12])
         live = {net.id: net for net in state.networks() if net.status == READY}
+        existing = {link.name: link for link in links.list_links(ipr)}
         keep = {b for net in live.values() for b in get_mode(net.mode).bridges(net)}
         for ep in state.endpoints():
             net = live.get(ep.network_id)
@@ -41,13 +42,13 @@ def reconcile(driver) -> dict:
                 summary["dropped_endpoints"] += 1
             elif ep.sandbox:
                 keep.update(ep.kernel.values())
-                if get_mode(net.mode).repair_endpoint(ipr, net, ep):
+                if get_mode(net.mode).repair_endpoint(ipr, net, ep, existing):
                     summary["repaired_endpoints"] += 1
                 else:
                     # Its container end vanished with it; Docker's Leave/DeleteEndpoint will follow.
                     log.warning("endpoint %s lost its interface", ep.id[:12])
                     summary["lost_endpoints"] += 1
-        for link in links.list_links(ipr):
+        for link in existing.values():
             if names.is_owned(link.name) and link.name not in keep:
                 log.info("removing orphan link %s", link.name)
                 links.remove_link(ipr, link.name)

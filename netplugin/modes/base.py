@@ -40,8 +40,9 @@ class Mode:
     def remove_endpoint(self, ipr, net, ep) -> None:
         raise NotImplementedError
 
-    def repair_endpoint(self, ipr, net, ep) -> bool:
-        """At start-up: re-attach a joined endpoint's surviving links; False if they are gone."""
+    def repair_endpoint(self, ipr, net, ep, existing: dict) -> bool:
+        """At start-up: re-attach a joined endpoint's surviving links; False if they are gone.
+        ``existing`` maps link names to LinkInfo, read once for all endpoints (1,000s at start-up)."""
         raise NotImplementedError
 
     def bridges(self, net) -> list[str]:

@@ -103,13 +103,13 @@ class StaticMode(Mode):
         for name in (names.host_veth_name(ep.id), names.peer_veth_name(ep.id)):
             links.remove_link(ipr, name)  # the peer is still here if Docker never moved it
 
-    def repair_endpoint(self, ipr, net, ep) -> bool:
-        host = links.get_link(ipr, names.host_veth_name(ep.id))
-        bridge = links.get_link(ipr, net.kernel["bridge"])
+    def repair_endpoint(self, ipr, net, ep, existing: dict) -> bool:
+        host = existing.get(names.host_veth_name(ep.id))
+        bridge = existing.get(net.kernel["bridge"])
         if host is None or bridge is None:
             return False
-        links.set_master(ipr, host.name, bridge.index)
-        links.set_link(ipr, host.name, up=True)
+        if host.master != bridge.index or not host.up:
+            ipr.link("set", index=host.index, master=bridge.index, state="up")
         return True
 
     def bridges(self, net) -> list[str]:
