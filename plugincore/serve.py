@@ -47,7 +47,8 @@ class _Gunicorn(BaseApplication):
 
     def load_config(self):
         for key, value in self.options.items():
-            self.cfg.set(key, value)
+            if key in self.cfg.settings:  # newer settings are skipped on older gunicorns
+                self.cfg.set(key, value)
 
     def load(self):
         return self.app_factory()
@@ -81,5 +82,7 @@ def serve(app_factory, socket_path: str, *, workers: int = 2, threads: int = 4, 
         "errorlog": "-",
         "accesslog": None,
         "proc_name": name,
+        # gunicorn >= 25.1 opens a control socket in $HOME shared by every instance: not wanted here.
+        "control_socket_disable": True,
     }
     _Gunicorn(app_factory, options).run()
