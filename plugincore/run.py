@@ -47,3 +47,28 @@ def run(argv: list[str], *, timeout: float = DEFAULT_TIMEOUT, input: str | None 
         raise CommandError(argv, proc.returncode, proc.stderr)
     log.debug("ran %s -> %d", argv, proc.returncode)
     return proc
+
+
+def spawn(argv: list[str], *, env: dict[str, str] | None = None) -> int:
+    """Start a long-lived helper (e.g. rbd-fuse) in its own session so it outlives this process, with
+    stdio on /dev/null; ``env`` adds variables. Returns its PID: the caller records it to find the
+    process again and reaps it (os.waitpid) if it exits while this process lives."""
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise TypeError("argv must be a non-empty list of str")
+    full_env = dict(os.environ, LC_ALL="C", **(env or {}))
+    actions = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    # nothing else inherited: a helper holding e.g. the plugin's listening socket would outlive us
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    actions.append((os.POSIX_SPAWN_CLOSE, fd))
+            except OSError:
+                pass  # the directory listing's own descriptor, already closed
+    try:
+        pid = os.posix_spawnp(argv[0], argv, full_env, setsid=True, file_actions=actions)
+    except FileNotFoundError as exc:
+        raise CommandNotFound(argv, None, str(exc), "not installed") from exc
+    log.debug("spawned %s as pid %d", argv, pid)
+    return pid

@@ -1,38 +1,65 @@
-"""Docker volume plugin routes. No backend yet: volumes cannot be created, and the routes that act on
-a volume answer with a clear error instead of a 404 (which Docker would misread)."""
-from flask import Blueprint
+"""HTTP routes of the Docker volume plugin protocol; see
+../shared/reference/docker-volume-plugin-protocol.md. Handlers only parse, call and serialise."""
+from flask import Blueprint, current_app
 
 from plugincore.app import reply, request_body
-from plugincore.errors import NotFound, PluginError
 from plugincore.fields import text
 
 bp = Blueprint("volplugin", __name__)
-NO_BACKEND = "volplugin has no storage backend yet (RBD and LVM backends are not implemented)"
+OK = {"Err": ""}
+
+
+def _driver():
+    return current_app.extensions["volplugin.driver"]
+
+
+def _opts(body: dict):
+    opts = body.get("Opts")  # null for `-v name:/path` of a volume that does not exist yet
+    return opts if opts is not None else {}
 
 
 @bp.post("/VolumeDriver.Capabilities")
 def capabilities():
+    # "global": a volume lives in the cluster, Docker on every host sees the same one.
     return reply({"Capabilities": {"Scope": "global"}})
+
+
+@bp.post("/VolumeDriver.Create")
+def create():
+    body = request_body()
+    _driver().create(text(body, "Name", True), _opts(body))
+    return reply(OK)
+
+
+@bp.post("/VolumeDriver.Remove")
+def remove():
+    _driver().remove(text(request_body(), "Name", True))
+    return reply(OK)
+
+
+@bp.post("/VolumeDriver.Mount")
+def mount():
+    body = request_body()
+    return reply({"Mountpoint": _driver().mount(text(body, "Name", True), text(body, "ID", True)), "Err": ""})
+
+
+@bp.post("/VolumeDriver.Unmount")
+def unmount():
+    body = request_body()
+    _driver().unmount(text(body, "Name", True), text(body, "ID"))
+    return reply(OK)
+
+
+@bp.post("/VolumeDriver.Path")
+def path():
+    return reply({"Mountpoint": _driver().path(text(request_body(), "Name", True)), "Err": ""})
+
+
+@bp.post("/VolumeDriver.Get")
+def get():
+    return reply({"Volume": _driver().get(text(request_body(), "Name", True)), "Err": ""})
 
 
 @bp.post("/VolumeDriver.List")
 def list_volumes():
-    return reply({"Volumes": [], "Err": ""})
-
-
-@bp.post("/VolumeDriver.Get")
-@bp.post("/VolumeDriver.Path")
-def get_volume():
-    raise NotFound(f"volume {text(request_body(), 'Name', True)!r} does not exist")
-
-
-@bp.post("/VolumeDriver.Remove")
-@bp.post("/VolumeDriver.Unmount")
-def release():
-    return reply({"Err": ""})  # releasing what does not exist is a success
-
-
-@bp.post("/VolumeDriver.Create")
-@bp.post("/VolumeDriver.Mount")
-def not_available():
-    raise PluginError(NO_BACKEND)
+    return reply({"Volumes": _driver().list(), "Err": ""})

@@ -17,13 +17,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import pytest
 
-from tests.lab import LAB_PREFIX, OWNER_PID, REPO_ROOT, cleanup_all, skip_reason
+from tests.lab import LAB_PREFIX, REPO_ROOT, cleanup_all, sigterm_as_interrupt, skip_reason
 from tests.lab.dockerd import Dockerd
 from tests.lab.image import IMAGE, build_busybox_tar
 from tests.lab.netns import Lab, build_physnet, list_netns, stale_netns
+from tests.lab.pgimage import POSTGRES_IMAGE, build_postgres_tar, import_postgres
+from tests.lab.pgimage import skip_reason as pg_skip_reason
 from tests.lab.plugin import Plugin
 
 SKIP_REASON = skip_reason()
@@ -58,12 +61,6 @@ def _require_lab():
         pytest.skip(f"e2e lab unavailable: {SKIP_REASON}")
 
 
-def _sigterm_as_interrupt(signum, frame):
-    if os.getpid() != OWNER_PID:  # a forked pyroute2 helper: die as SIGTERM normally would
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        os._exit(128 + signum)
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -76,7 +73,7 @@ def _lab_session_guard():
     # A CI timeout's SIGTERM would kill pytest without any teardown: treat it like Ctrl-C.
     old_term = signal.getsignal(signal.SIGTERM)
     if old_term == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+        signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     yield
     if old_term == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -174,3 +171,44 @@ def _release_plugin_networks(dockerd: Dockerd, p: Plugin) -> None:
         print(f"plugin teardown: docker cleanup failed, dockerd will be recreated: {exc}",
               file=sys.stderr)
         dockerd.dirty = True
+
+
+@pytest.fixture(scope="session")
+def postgres_tar(tmp_path_factory):
+    reason = pg_skip_reason()
+    if reason:
+        pytest.skip(f"postgres image unavailable: {reason}")
+    start = time.monotonic()
+    tar = build_postgres_tar(tmp_path_factory.mktemp("pgimage") / "postgres.tar")
+    took = time.monotonic() - start
+    print(f"\npgimage: built {tar} ({tar.stat().st_size / 1e6:.1f} MB) in {took:.2f}s",
+          file=sys.stderr)
+    yield tar
+    tar.unlink(missing_ok=True)  # 80 MB: don't leave one in each of pytest's kept basetemps
+
+
+@pytest.fixture
+def pg_image(dockerd, postgres_tar):
+    start = time.monotonic()
+    import_postgres(dockerd, postgres_tar)
+    print(f"\npgimage: import {time.monotonic() - start:.2f}s", file=sys.stderr)
+    return POSTGRES_IMAGE
+
+
+@pytest.fixture
+def volplugin(dockerd, ceph, tmp_path):
+    """volplugin serving a unique driver name on the shared test Ceph cluster, as host "hostA"."""
+    config = tmp_path / "volplugin.toml"
+    config.write_text(f'host_id = "hostA"\n[rbd]\nconf = "{ceph.conf_path}"\npool = "{ceph.pool}"\n'
+                      'fence_grace = 2.0\nconnect_timeout = 5.0\nop_timeout = 15.0\n')
+    p = Plugin(None, tmp_path / "volplugin", name=f"vptest{os.urandom(3).hex()}",
+               command=[sys.executable, "-m", "volplugin"], extra_args=("--config", str(config)))
+    p.config = config
+    try:
+        p.start()
+        yield p
+        dockerd.remove_all_containers(timeout=60)
+        for volume in dockerd.docker("volume", "ls", "-q", "--filter", f"driver={p.name}").stdout.split():
+            dockerd.docker("volume", "rm", volume, check=False)
+    finally:
+        p.destroy()

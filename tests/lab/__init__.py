@@ -289,3 +289,13 @@ def remove_tree(root: Path) -> None:
         for mnt in mnts:
             sh(["umount", "-l", mnt], check=False, timeout=10)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def sigterm_as_interrupt(signum, frame):
+    """SIGTERM handler for test sessions: a CI timeout unwinds through the fixtures like Ctrl-C.
+    pyroute2 forks helpers that inherit it and are ended with SIGTERM: those just die."""
+    if os.getpid() != OWNER_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        os._exit(128 + signum)
+    raise KeyboardInterrupt(f"signal {signum}")

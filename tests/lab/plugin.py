@@ -32,7 +32,7 @@ class PluginError(RuntimeError):
 class Plugin:
     """One plugin instance. ``call(endpoint, body)`` talks to it like dockerd does."""
 
-    def __init__(self, netns: str, workdir: Path, *, name: str | None = None,
+    def __init__(self, netns: str | None, workdir: Path, *, name: str | None = None,
                  command: list[str] | None = None, extra_args: tuple[str, ...] = ()):
         self.netns = netns
         self.name = name or f"nptest{secrets.token_hex(3)}"
@@ -48,7 +48,10 @@ class Plugin:
         _live.append(self)
 
     def argv(self) -> list[str]:
-        return [NSENTER, f"--net={NETNS_DIR}/{self.netns}", *self.command, "serve",
+        # netns None: the root namespace (the volume plugin needs dockerd's mount namespace, and the
+        # test Ceph cluster listens on the root namespace's loopback).
+        prefix = [NSENTER, f"--net={NETNS_DIR}/{self.netns}"] if self.netns else []
+        return [*prefix, *self.command, "serve",
                 "--socket", str(self.socket), "--state-dir", str(self.state_dir),
                 "--log-level", "debug", *self.extra_args]
 

@@ -1,0 +1,209 @@
+"""Volume lifecycle behind the Docker volume protocol, the same for every backend.
+
+Per-volume cross-process locks (refusing after a timeout, never deadlocking); the first Mount on this
+host attaches and mounts, the last Unmount of a known caller unmounts and detaches; every multi-step
+operation is rolled back on failure; releasing what is unknown succeeds.
+"""
+import contextlib
+import logging
+import os
+
+from plugincore.errors import Conflict, InvalidRequest, NotFound
+from . import filesystem
+from .backends.base import VolumeSpec
+from .options import check_name, parse_from, parse_volume_options
+from .state import CREATING, READY, VolumeState, rfc3339
+
+log = logging.getLogger("volplugin.driver")
+
+
+class VolumeDriver:
+    def __init__(self, state: VolumeState, locks, backends: dict, *, host_id: str, mount_root: str,
+                 defaults: dict, catalog):
+        self.state = state
+        self.locks = locks
+        self.backends = backends
+        self.host_id = host_id
+        self.mount_root = mount_root
+        self.defaults = defaults
+        self.catalog = catalog
+
+    def _lock(self, name: str):
+        return self.locks.hold("vol-" + name, timeout=100)
+
+    def _backend(self, options: dict):
+        try:
+            return self.backends[options["backend"]]
+        except KeyError:
+            raise InvalidRequest(f"backend {options['backend']!r} is not available "
+                                 f"(configured: {', '.join(sorted(self.backends))})") from None
+
+    def _spec(self, name: str, volume: dict) -> VolumeSpec:
+        return VolumeSpec(name=name, size=volume["options"]["size"], backend_data=volume["backend_data"])
+
+    def _find(self, name: str) -> dict | None:
+        """A volume from local state, else from the shared catalog (created on another host)."""
+        volume = self.state.volume(name)
+        if volume is not None and volume["status"] == READY:
+            return volume
+        record = self.catalog.catalog_get(name)
+        if record is None:
+            return None
+        self.state.put_volume(name, record["options"], record["backend_data"], READY, record["created_at"])
+        return self.state.volume(name)
+
+    # Create / Remove
+    def create(self, name: str, opts: dict | None) -> None:
+        check_name(name)
+        options = parse_volume_options(opts, self.defaults)
+        backend = self._backend(options)
+        with self._lock(name):
+            existing = self._find(name)
+            if existing is not None:
+                self._check_same(name, existing["options"], options, opts or {})
+                return
+            clone_from = parse_from(options["from"]) if "from" in options else None
+            if clone_from and self._find(clone_from[0]) is None:
+                raise NotFound(f"source volume {clone_from[0]} does not exist")
+            spec = VolumeSpec(name=name, size=options["size"],
+                              backend_data={"pool": options["pool"]} if options["pool"] else {})
+            self.state.put_volume(name, options, spec.backend_data, CREATING)
+            with contextlib.ExitStack() as undo:
+                undo.callback(self.state.drop_volume, name)
+                spec.backend_data = backend.create(spec, clone_from)
+                undo.callback(_quietly, backend.remove, spec)
+                if clone_from is None:
+                    self._format(backend, spec, options)
+                record = {"options": options, "backend_data": spec.backend_data, "created_at": rfc3339()}
+                self.catalog.catalog_put(name, record)
+                self.state.put_volume(name, options, spec.backend_data, READY, record["created_at"])
+                undo.pop_all()
+        log.info("volume %s created (%s, %d bytes, %s)", name, options["backend"], options["size"], options["fs"])
+
+    @staticmethod
+    def _check_same(name: str, have: dict, want: dict, given: dict) -> None:
+        # `-v name:/path` re-sends Create without options: only options the caller gave must match.
+        differing = [k for k in given if k in want and want[k] != have.get(k)]
+        if differing:
+            raise Conflict(f"volume {name} already exists with different options: " + ", ".join(
+                f"{k}={have.get(k)} (asked {want[k]})" for k in differing))
+
+    def _format(self, backend, spec: VolumeSpec, options: dict) -> None:
+        device = backend.attach(spec)
+        scratch = os.path.join(self.mount_root, ".format", spec.name)
+        try:
+            filesystem.ensure_filesystem(device, options["fs"])
+            filesystem.mount(device, scratch, options["fs"])
+            try:
+                filesystem.prepare_pgdata(scratch, options["pgdata"], options["uid"], options["gid"])
+            finally:
+                filesystem.unmount(scratch)
+                os.rmdir(scratch)
+        finally:
+            backend.detach(spec)
+
+    def remove(self, name: str) -> None:
+        check_name(name)
+        with self._lock(name):
+            volume = self._find(name)
+            if volume is None:
+                log.warning("Remove of unknown volume %s: nothing to do", name)
+                return
+            callers = self.state.callers(name)
+            if callers or self.state.attachment(name):
+                raise Conflict(f"volume {name} is mounted on this host by {len(callers)} container(s)")
+            self._backend(volume["options"]).remove(self._spec(name, volume))
+            self.catalog.catalog_delete(name)
+            self.state.drop_volume(name)
+
+    # Mount / Unmount
+    def mount(self, name: str, caller: str) -> str:
+        check_name(name)
+        if not caller:
+            raise InvalidRequest("ID is required")
+        with self._lock(name):
+            volume = self._find(name)
+            if volume is None:
+                raise NotFound(f"volume {name} does not exist")
+            attached = self.state.attachment(name)
+            if attached and filesystem.mount_source(attached["mountpoint"]) is not None:
+                self.state.add_caller(name, caller)
+                return attached["mountpoint"]
+            return self._attach_and_mount(name, volume, caller)
+
+    def _attach_and_mount(self, name: str, volume: dict, caller: str) -> str:
+        backend, spec, options = self._backend(volume["options"]), self._spec(name, volume), volume["options"]
+        mountpoint = os.path.join(self.mount_root, name)
+        with contextlib.ExitStack() as undo:
+            device = backend.attach(spec)
+            undo.callback(_quietly, backend.detach, spec)
+            filesystem.mount(device, mountpoint, options["fs"])
+            undo.callback(_quietly, filesystem.unmount, mountpoint)
+            filesystem.prepare_pgdata(mountpoint, options["pgdata"], options["uid"], options["gid"])
+            self.state.record_mount(name, caller, device, mountpoint)
+            undo.pop_all()
+        log.info("volume %s attached at %s and mounted on %s", name, device, mountpoint)
+        return mountpoint
+
+    def unmount(self, name: str, caller: str) -> None:
+        check_name(name)
+        with self._lock(name):
+            known, left = self.state.remove_caller(name, caller)
+            if not known:
+                # A stale or foreign Unmount (e.g. a replaced task's, arriving after the new Mount).
+                log.warning("Unmount of %s by unknown caller %s: nothing to do", name, caller[:12])
+                return
+            if left:
+                return
+            self._unmount_and_detach(name)
+
+    def _unmount_and_detach(self, name: str) -> None:
+        attached = self.state.attachment(name)
+        volume = self.state.volume(name)
+        if attached:
+            filesystem.unmount(attached["mountpoint"])
+            with contextlib.suppress(OSError):
+                os.rmdir(attached["mountpoint"])
+        if volume is not None:
+            self._backend(volume["options"]).detach(self._spec(name, volume))
+        self.state.drop_attachment(name)
+        log.info("volume %s unmounted and detached", name)
+
+    # Queries (cheap: local state and the kernel; the catalog only for volumes never seen here)
+    def path(self, name: str) -> str:
+        check_name(name)
+        attached = self.state.attachment(name)
+        if attached and filesystem.mount_source(attached["mountpoint"]) is not None:
+            return attached["mountpoint"]
+        if self._find(name) is None:
+            raise NotFound(f"volume {name} does not exist")
+        return ""
+
+    def get(self, name: str) -> dict:
+        check_name(name)
+        volume = self._find(name)
+        if volume is None:
+            raise NotFound(f"volume {name} does not exist")
+        mountpoint = self.path(name)
+        options = volume["options"]
+        status = {"backend": options["backend"], "size": options["size"], "fs": options["fs"],
+                  "pgdata": options["pgdata"], "uid": options["uid"], "gid": options["gid"],
+                  **volume["backend_data"]}
+        if mountpoint:
+            status.update(used=filesystem.usage(mountpoint)["used"], attached_host=self.host_id,
+                          containers=self.state.callers(name),
+                          pg_version=filesystem.pg_version(mountpoint, options["pgdata"]))
+        return {"Name": name, "Mountpoint": mountpoint, "CreatedAt": volume["created_at"], "Status": status}
+
+    def list(self) -> list[dict]:
+        names = set(self.catalog.catalog_list()) | {v["name"] for v in self.state.volumes() if v["status"] == READY}
+        mounted = {a["volume"]: a["mountpoint"] for a in self.state.attachments()}
+        return [{"Name": n, "Mountpoint": mounted.get(n, "")} for n in sorted(names)]
+
+
+def _quietly(fn, *args) -> None:
+    """An undo step: log failures instead of hiding the error that caused the rollback."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001
+        log.exception("rollback step %s failed", getattr(fn, "__name__", fn))

@@ -1,0 +1,57 @@
+"""Start-up reconciliation of mount accounting with /proc/self/mountinfo and the backends.
+
+Saved state alone is never trusted (docker-lvm-plugin#24): an attachment whose filesystem is no longer
+mounted has lost its containers (host reboot, manual umount) and is released; a mount or backend
+attachment that no state explains (a crash between steps) is undone.
+"""
+import logging
+import os
+
+from . import filesystem
+
+log = logging.getLogger("volplugin.reconcile")
+
+
+def reconcile(driver) -> dict:
+    summary = {"kept": 0, "released": 0, "orphan_mounts": 0, "orphan_attachments": 0}
+    state = driver.state
+    for attached in state.attachments():
+        name = attached["volume"]
+        if filesystem.mount_source(attached["mountpoint"]) is not None:
+            summary["kept"] += 1
+            continue
+        log.warning("volume %s is no longer mounted: releasing it and its %d caller(s)", name,
+                    len(state.callers(name)))
+        try:
+            driver._unmount_and_detach(name)
+            summary["released"] += 1
+        except Exception:  # noqa: BLE001 - one volume must not stop the rest
+            log.exception("could not release volume %s", name)
+    known = {a["volume"] for a in state.attachments()}
+    for name, path in _mounted_under(driver.mount_root):
+        if name not in known or os.path.dirname(path).endswith(".format"):
+            log.warning("unmounting orphan mount %s", path)
+            filesystem.unmount(path)
+            summary["orphan_mounts"] += 1
+    for backend in driver.backends.values():
+        for name in backend.attached():
+            volume = state.volume(name)
+            if name in known or volume is None:
+                continue
+            log.warning("detaching orphan attachment of %s", name)
+            backend.detach(driver._spec(name, volume))
+            summary["orphan_attachments"] += 1
+    log.info("reconciled: %s", summary)
+    return summary
+
+
+def _mounted_under(root: str) -> list[tuple[str, str]]:
+    """(volume name, mount path) of every mount directly under ``root`` or its scratch ``.format``."""
+    root = os.path.realpath(root)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            target = filesystem.unescape(line.split()[4])
+            if os.path.dirname(target) in (root, os.path.join(root, ".format")):
+                found.append((os.path.basename(target), target))
+    return found

@@ -1,0 +1,54 @@
+"""Wiring: configuration -> state store, backends, driver -> Flask app."""
+import logging
+import os
+
+from plugincore.app import create_app as create_plugin_app
+from plugincore.locks import LockDir
+from plugincore.store import Store
+from .driver import VolumeDriver
+from .state import VOLUME_SCHEMA, VolumeState
+
+log = logging.getLogger("volplugin.service")
+
+
+def embedded_cluster(config: dict):
+    """The single-node Ceph cluster kept in the state directory when no cluster is configured."""
+    from .cephlab import EmbeddedCeph
+
+    rbd = config["rbd"]
+    return EmbeddedCeph(os.path.join(config["state_dir"], "ceph"), mon_port=rbd["embedded_mon_port"],
+                        pool=rbd["pool"], store_gib=rbd["embedded_store_gib"])
+
+
+def rbd_conf_path(config: dict) -> str:
+    return config["rbd"]["conf"] or embedded_cluster(config).conf_path
+
+
+def build_rbd_backend(config: dict):
+    from .backends.rbd import RbdBackend
+
+    rbd = config["rbd"]
+    return RbdBackend(conf_path=rbd_conf_path(config), pool=rbd["pool"], client_name=rbd["client_name"],
+                      keyring=rbd["keyring"] or None, host_id=config["host_id"],
+                      state_dir=os.path.join(config["state_dir"], "rbd"), connect_timeout=rbd["connect_timeout"],
+                      op_timeout=rbd["op_timeout"], fence_grace=rbd["fence_grace"],
+                      trash_retention=rbd["trash_retention"])
+
+
+class Services:
+    def __init__(self, config: dict, backends: dict | None = None, catalog=None):
+        state_dir = config["state_dir"]
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.store = Store(os.path.join(state_dir, "volplugin.db"), VOLUME_SCHEMA)
+        if backends is None:
+            backends = {"rbd": build_rbd_backend(config)}
+        defaults = dict(config["volume"], pool=config["rbd"]["pool"])
+        self.driver = VolumeDriver(VolumeState(self.store), LockDir(os.path.join(state_dir, "locks")), backends,
+                                   host_id=config["host_id"], mount_root=os.path.join(state_dir, "mounts"),
+                                   defaults=defaults, catalog=catalog or backends[config["volume"]["backend"]])
+
+
+def create_app(config: dict, services: Services | None = None):
+    services = services or Services(config)
+    from .api import bp
+    return create_plugin_app("volplugin", ["VolumeDriver"], [bp], {"volplugin.driver": services.driver})
