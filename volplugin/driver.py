@@ -42,14 +42,19 @@ class VolumeDriver:
         return VolumeSpec(name=name, size=volume["options"]["size"], backend_data=volume["backend_data"])
 
     def _find(self, name: str) -> dict | None:
-        """A volume from local state, else from the shared catalog (created on another host)."""
+        """A volume, from the shared catalog (the truth: another host may have created or removed it),
+        or from local state alone for a host-local catalog or a volume attached here."""
         volume = self.state.volume(name)
-        if volume is not None and volume["status"] == READY:
-            return volume
+        local = volume if volume is not None and volume["status"] == READY else None
+        if not self.catalog.shared or (local is not None and self.state.attachment(name)):
+            return local
         record = self.catalog.catalog_get(name)
         if record is None:
+            if local is not None:
+                self.state.drop_volume(name)  # removed on another host
             return None
-        self.state.put_volume(name, record["options"], record["backend_data"], READY, record["created_at"])
+        if local is None or local["options"] != record["options"]:
+            self.state.put_volume(name, record["options"], record["backend_data"], READY, record["created_at"])
         return self.state.volume(name)
 
     # Create / Remove
@@ -196,8 +201,11 @@ class VolumeDriver:
         return {"Name": name, "Mountpoint": mountpoint, "CreatedAt": volume["created_at"], "Status": status}
 
     def list(self) -> list[dict]:
-        names = set(self.catalog.catalog_list()) | {v["name"] for v in self.state.volumes() if v["status"] == READY}
         mounted = {a["volume"]: a["mountpoint"] for a in self.state.attachments()}
+        if self.catalog.shared:
+            names = set(self.catalog.catalog_list()) | set(mounted)
+        else:
+            names = {v["name"] for v in self.state.volumes() if v["status"] == READY}
         return [{"Name": n, "Mountpoint": mounted.get(n, "")} for n in sorted(names)]
 
 

@@ -99,6 +99,8 @@ class Catalog:
     a volume created on host A is found by host B's Get.
     """
 
+    shared = True  # seen by every host: the driver trusts it over its local cache
+
     def catalog_put(self, name: str, record: dict) -> None:
         raise NotImplementedError
 
@@ -114,6 +116,8 @@ class Catalog:
 
 class LocalOnlyCatalog(Catalog):
     """For host-local backends: the host's own state is the only record, so there is nothing to share."""
+
+    shared = False
 
     def catalog_put(self, name: str, record: dict) -> None:
         pass
