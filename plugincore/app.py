@@ -59,7 +59,8 @@ def create_app(name: str, implements: list[str], blueprints, services: dict) -> 
 
     @app.errorhandler(PluginError)
     def _plugin_error(exc: PluginError):
-        log.warning("%s failed: %s", request.path, exc)
+        # Docker probes with Get before every create: a 404 is routine, not worth a warning.
+        log.log(logging.INFO if exc.status == 404 else logging.WARNING, "%s failed: %s", request.path, exc)
         return error_reply(str(exc), exc.status)
 
     @app.errorhandler(HTTPException)
