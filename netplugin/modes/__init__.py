@@ -2,8 +2,9 @@
 from plugincore.errors import InvalidRequest
 from .base import Mode
 from .static import StaticMode
+from .vlan import VlanMode
 
-MODES: dict[str, Mode] = {mode.name: mode for mode in (StaticMode(),)}
+MODES: dict[str, Mode] = {mode.name: mode for mode in (StaticMode(), VlanMode())}
 DEFAULT_MODE = "static"
 
 
