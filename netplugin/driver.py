@@ -120,10 +120,11 @@ class NetworkDriver:
             address = interface.get("Address") or ""
             address6 = interface.get("AddressIPv6") or ""
             mac = interface.get("MacAddress") or ""
+            user_options = {k: v for k, v in options.items() if not k.startswith("com.docker.")}
+            wanted = mode.endpoint_mac(net, user_options, mac)  # also checks the --driver-opt values
             reply = {}
             if not mac:  # fill only what Docker left empty, else Docker rolls the endpoint back
-                mac = reply["MacAddress"] = names.mac_for(address)
-            user_options = {k: v for k, v in options.items() if not k.startswith("com.docker.")}
+                mac = reply["MacAddress"] = wanted or names.mac_for(address)
             self.state.put_endpoint(Endpoint(id=endpoint_id, network_id=network_id, address=address,
                                              address6=address6, mac=mac, options=user_options))
         return {"Interface": reply}

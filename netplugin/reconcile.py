@@ -8,7 +8,7 @@ import logging
 from pyroute2 import IPRoute
 
 from .kernel import links, names
-from .modes import get_mode
+from .modes import MODES, get_mode
 from .state import READY
 
 log = logging.getLogger("netplugin.reconcile")
@@ -53,6 +53,11 @@ def reconcile(driver) -> dict:
                 log.info("removing orphan link %s", link.name)
                 links.remove_link(ipr, link.name)
                 summary["orphan_links"] += 1
+        for mode in MODES.values():  # the modes' own state (sriov: the VF inventory)
+            try:
+                summary.update(mode.reconcile(ipr, state))
+            except Exception:  # noqa: BLE001
+                log.exception("could not reconcile %s mode state", mode.name)
     driver.sync_firewall()
     log.info("reconciled: %s", summary)
     return summary

@@ -6,6 +6,8 @@ from plugincore.locks import LockDir
 from plugincore.store import Store
 from .driver import NetworkDriver
 from .ipam import IPAM_SCHEMA, Ipam
+from .modes import bind_all
+from .sriov_inventory import SRIOV_SCHEMA
 from .state import NETWORK_SCHEMA, NetworkState
 
 
@@ -13,11 +15,14 @@ class Services:
     def __init__(self, config: dict):
         state_dir = config["state_dir"]
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        self.store = Store(os.path.join(state_dir, "netplugin.db"), NETWORK_SCHEMA + IPAM_SCHEMA)
+        self.store = Store(os.path.join(state_dir, "netplugin.db"),
+                           NETWORK_SCHEMA + IPAM_SCHEMA + SRIOV_SCHEMA)
         ipam_cfg = config["ipam"]
         self.ipam = Ipam(self.store, ipam_cfg["default_supernet"], ipam_cfg["default_prefix"],
                          ipam_cfg["default_supernet_v6"] or None, ipam_cfg["default_prefix_v6"])
-        self.driver = NetworkDriver(NetworkState(self.store), LockDir(os.path.join(state_dir, "locks")))
+        locks = LockDir(os.path.join(state_dir, "locks"))
+        bind_all(self.store, locks)  # modes with tables of their own (sriov: the VF inventory)
+        self.driver = NetworkDriver(NetworkState(self.store), locks)
 
 
 def create_app(config: dict, services: Services | None = None):

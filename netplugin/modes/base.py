@@ -49,6 +49,19 @@ class Mode:
         """Bridges whose traffic the FORWARD chain must accept."""
         return []
 
+    # Optional hooks; the defaults suit modes that keep nothing beyond networks and endpoints.
+    def bind(self, store, locks) -> None:
+        """Called once with the shared state store and lock directory (modes with tables of their own)."""
+
+    def endpoint_mac(self, net, options: dict, mac: str) -> str | None:
+        """At CreateEndpoint: check the endpoint's ``--driver-opt``s; return the MAC it must have when
+        Docker gave none (``mac`` is Docker's, maybe ''), or None to let the driver derive one."""
+        return None
+
+    def reconcile(self, ipr, state) -> dict:
+        """At start-up, after networks and endpoints are repaired: settle the mode's own state."""
+        return {}
+
     def oper_info(self, net, ep) -> dict:
         return {}
 
