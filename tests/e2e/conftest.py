@@ -15,13 +15,12 @@ the plugin and dockerd logs.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 
 import pytest
 
-from tests.lab import LAB_PREFIX, REPO_ROOT, cleanup_all, sigterm_as_interrupt, skip_reason
+from tests.lab import LAB_PREFIX, REPO_ROOT, cleanup_all, sigterm_unwinds, skip_reason
 from tests.lab.dockerd import Dockerd
 from tests.lab.image import IMAGE, build_busybox_tar
 from tests.lab.netns import Lab, build_physnet, list_netns, stale_netns
@@ -70,13 +69,8 @@ def _lab_session_guard():
     stale = stale_netns()
     if stale:
         print(f"\nLAB: netns left by dead test runs (remove by hand): {stale}", file=sys.stderr)
-    # A CI timeout's SIGTERM would kill pytest without any teardown: treat it like Ctrl-C.
-    old_term = signal.getsignal(signal.SIGTERM)
-    if old_term == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, sigterm_as_interrupt)
-    yield
-    if old_term == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with sigterm_unwinds():
+        yield
     errors = cleanup_all()
     left = list_netns(LAB_PREFIX)
     if errors or left:

@@ -11,6 +11,7 @@ bookkeeping); netns.py, dockerd.py, image.py and plugin.py build on it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import http.client
 import json
 import os
@@ -299,3 +300,17 @@ def sigterm_as_interrupt(signum, frame):
         os.kill(os.getpid(), signum)
         os._exit(128 + signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """For a session fixture: while it is active, SIGTERM (a CI timeout) unwinds through the fixtures
+    like Ctrl-C instead of killing pytest without teardown. Nested uses leave the first one in charge."""
+    old = signal.getsignal(signal.SIGTERM)
+    if old == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+    try:
+        yield
+    finally:
+        if old == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)

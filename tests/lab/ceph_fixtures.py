@@ -9,12 +9,11 @@ Skipped with a reason when not root or Ceph is not installed (bash scripts/setup
 """
 from __future__ import annotations
 
-import signal
 import sys
 
 import pytest
 
-from tests.lab import sigterm_as_interrupt
+from tests.lab import sigterm_unwinds
 from tests.lab.ceph import destroy_cluster, skip_reason, stale_clusters, throwaway_cluster
 
 SKIP_REASON = skip_reason()
@@ -35,12 +34,8 @@ def _ceph_session_guard():
     if stale:
         print(f"\nCEPH LAB: daemons of dead test runs (tests.lab.ceph.stop_stale_clusters() ends "
               f"them): {sorted(stale)}", file=sys.stderr)
-    old_term = signal.getsignal(signal.SIGTERM)
-    if old_term == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, sigterm_as_interrupt)
-    yield
-    if old_term == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with sigterm_unwinds():
+        yield
 
 
 @pytest.fixture(scope="session")
