@@ -10,7 +10,6 @@ from pyroute2 import IPRoute
 
 from plugincore.errors import InvalidRequest, NotFound
 from .kernel import firewall, names
-from .modes import get_mode
 from .modes.base import check_known_options
 from .state import CREATING, DELETING, READY, Endpoint, Network
 
@@ -27,9 +26,10 @@ def check_id(value, what: str) -> str:
 
 
 class NetworkDriver:
-    def __init__(self, state, locks, scope: str = "local"):
+    def __init__(self, state, locks, modes, scope: str = "local"):
         self.state = state
         self.locks = locks
+        self.modes = modes  # a ModeRegistry: the mode code for each network
         self.scope = scope
 
     def capabilities(self) -> dict:
@@ -45,7 +45,7 @@ class NetworkDriver:
         if not isinstance(generic, dict):
             raise InvalidRequest(f"{GENERIC} must be an object")
         generic = {str(k): v if isinstance(v, str) else str(v) for k, v in generic.items()}
-        mode = get_mode(generic.get("mode"))
+        mode = self.modes.get(generic.get("mode"))
         with self._lock(network_id), IPRoute() as ipr:
             existing = self.state.get_network(network_id)
             if existing is not None and existing.status == READY:
@@ -83,7 +83,7 @@ class NetworkDriver:
     def _teardown(self, ipr, net: Network) -> None:
         """Remove everything of ``net`` (also a half-created one), then forget it. If a step fails the
         row stays (status deleting) and start-up reconciliation retries, so nothing is orphaned."""
-        mode = get_mode(net.mode)
+        mode = self.modes.get(net.mode)
         for ep in self.state.endpoints(net.id):
             mode.remove_endpoint(ipr, net, ep)
         mode.remove_network(ipr, net)
@@ -101,7 +101,7 @@ class NetworkDriver:
     def sync_firewall(self) -> None:
         with self.locks.hold("firewall"):
             bridges = [b for net in self.state.networks() if net.status != DELETING
-                       for b in get_mode(net.mode).bridges(net)]
+                       for b in self.modes.get(net.mode).bridges(net)]
             firewall.sync_forward_rules(bridges)
 
     # endpoints
@@ -115,7 +115,7 @@ class NetworkDriver:
         check_id(endpoint_id, "EndpointID")
         with self._lock(network_id):
             net = self._network(network_id)
-            mode = get_mode(net.mode)
+            mode = self.modes.get(net.mode)
             check_known_options(options, mode.endpoint_options, "endpoint")
             address = interface.get("Address") or ""
             address6 = interface.get("AddressIPv6") or ""
@@ -137,7 +137,7 @@ class NetworkDriver:
                 log.warning("DeleteEndpoint of unknown endpoint %s: nothing to do", endpoint_id[:12])
                 return
             if net is not None:
-                get_mode(net.mode).remove_endpoint(ipr, net, ep)
+                self.modes.get(net.mode).remove_endpoint(ipr, net, ep)
             self.state.drop_endpoint(endpoint_id)
 
     def join(self, network_id: str, endpoint_id: str, sandbox_key: str) -> dict:
@@ -147,7 +147,7 @@ class NetworkDriver:
             ep = self.state.get_endpoint(endpoint_id)
             if ep is None or ep.network_id != network_id:
                 raise NotFound(f"endpoint {endpoint_id[:12]} is not known to this plugin")
-            mode = get_mode(net.mode)
+            mode = self.modes.get(net.mode)
             kernel, reply = mode.ensure_endpoint(ipr, net, ep)
             try:
                 self.state.set_endpoint_join(endpoint_id, sandbox_key or "joined", kernel)
@@ -163,11 +163,11 @@ class NetworkDriver:
             if ep is None or net is None:
                 log.warning("Leave of unknown endpoint %s: nothing to do", endpoint_id[:12])
                 return
-            get_mode(net.mode).remove_endpoint(ipr, net, ep)
+            self.modes.get(net.mode).remove_endpoint(ipr, net, ep)
             self.state.set_endpoint_join(endpoint_id, "", {})
 
     def oper_info(self, network_id: str, endpoint_id: str) -> dict:
         ep, net = self.state.get_endpoint(endpoint_id), self.state.get_network(network_id)
         if ep is None or net is None:
             return {}
-        return get_mode(net.mode).oper_info(net, ep) | {"address": ep.address, "joined": bool(ep.sandbox)}
+        return self.modes.get(net.mode).oper_info(net, ep) | {"address": ep.address, "joined": bool(ep.sandbox)}

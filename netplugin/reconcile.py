@@ -8,7 +8,6 @@ import logging
 from pyroute2 import IPRoute
 
 from .kernel import links, names
-from .modes import MODES, get_mode
 from .state import READY
 
 log = logging.getLogger("netplugin.reconcile")
@@ -28,13 +27,13 @@ def reconcile(driver) -> dict:
                     log.exception("could not finish tearing down network %s", net.id[:12])
                 continue
             try:
-                get_mode(net.mode).ensure_network(ipr, net)
+                driver.modes.get(net.mode).ensure_network(ipr, net)
                 summary["networks"] += 1
             except Exception:  # noqa: BLE001
                 log.exception("could not repair network %s", net.id[:12])
         live = {net.id: net for net in state.networks() if net.status == READY}
         existing = {link.name: link for link in links.list_links(ipr)}
-        keep = {b for net in live.values() for b in get_mode(net.mode).bridges(net)}
+        keep = {b for net in live.values() for b in driver.modes.get(net.mode).bridges(net)}
         for ep in state.endpoints():
             net = live.get(ep.network_id)
             if net is None:
@@ -42,7 +41,7 @@ def reconcile(driver) -> dict:
                 summary["dropped_endpoints"] += 1
             elif ep.sandbox:
                 keep.update(ep.kernel.values())
-                if get_mode(net.mode).repair_endpoint(ipr, net, ep, existing):
+                if driver.modes.get(net.mode).repair_endpoint(ipr, net, ep, existing):
                     summary["repaired_endpoints"] += 1
                 else:
                     # Its container end vanished with it; Docker's Leave/DeleteEndpoint will follow.
@@ -53,7 +52,7 @@ def reconcile(driver) -> dict:
                 log.info("removing orphan link %s", link.name)
                 links.remove_link(ipr, link.name)
                 summary["orphan_links"] += 1
-        for mode in MODES.values():  # the modes' own state (sriov: the VF inventory)
+        for mode in driver.modes:  # the modes' own state (sriov: the VF inventory)
             try:
                 summary.update(mode.reconcile(ipr, state))
             except Exception:  # noqa: BLE001

@@ -6,7 +6,7 @@ from plugincore.locks import LockDir
 from plugincore.store import Store
 from .driver import NetworkDriver
 from .ipam import IPAM_SCHEMA, Ipam
-from .modes import bind_all
+from .modes import ModeRegistry
 from .sriov_inventory import SRIOV_SCHEMA
 from .state import NETWORK_SCHEMA, NetworkState
 
@@ -21,8 +21,7 @@ class Services:
         self.ipam = Ipam(self.store, ipam_cfg["default_supernet"], ipam_cfg["default_prefix"],
                          ipam_cfg["default_supernet_v6"] or None, ipam_cfg["default_prefix_v6"])
         locks = LockDir(os.path.join(state_dir, "locks"))
-        bind_all(self.store, locks)  # modes with tables of their own (sriov: the VF inventory)
-        self.driver = NetworkDriver(NetworkState(self.store), locks)
+        self.driver = NetworkDriver(NetworkState(self.store), locks, ModeRegistry(self.store, locks))
 
 
 def create_app(config: dict, services: Services | None = None):

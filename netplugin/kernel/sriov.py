@@ -11,12 +11,12 @@ with netlink (IFLA_VFINFO_LIST), one attribute per request so a refusal names th
 import errno
 import logging
 import os
-import subprocess
 import time
 
 from pyroute2 import NetlinkError
 
 from plugincore.errors import BackendError
+from plugincore.run import CommandError, run
 from . import links
 
 log = logging.getLogger("netplugin.sriov")
@@ -98,17 +98,39 @@ def _wait(predicate, timeout: float, interval: float = 0.05) -> bool:
 
 
 def enable_vfs(pf: str, count: int, timeout: float = 60.0) -> None:
-    """Enable ``count`` VFs on ``pf`` (sriov_numvfs must be 0) and wait for their netdevs."""
+    """Enable ``count`` VFs on ``pf`` (sriov_numvfs must be 0) and wait for their netdevs.
+
+    The order matters: enabling VFs resets the PF (its link drops for a moment), and a VF driver
+    that probes meanwhile finds the PF "still in reset" and its VF without a link until it is reset
+    again. So VF drivers are kept from probing (sriov_drivers_autoprobe=0) until the PF's link is
+    back, then each VF is probed explicitly."""
+    autoprobe = _device(pf, "sriov_drivers_autoprobe")
+    before = _read_text(autoprobe)
+    _write(autoprobe, "0", f"could not pause VF driver probing on PF {pf}", missing_ok=True)
     try:
-        with open(_device(pf, "sriov_numvfs"), "w") as f:
-            f.write(str(count))
-    except OSError as exc:
-        raise BackendError(f"could not enable {count} VFs on PF {pf} (sriov_numvfs): "
-                           f"{exc.strerror or exc}") from None
-    if not _wait(lambda: all(os.path.lexists(_device(pf, f"virtfn{vf}")) for vf in range(count)), timeout):
-        raise BackendError(f"PF {pf} did not create its {count} VFs within {timeout:.0f}s")
-    bind_vf_drivers(pf, range(count), timeout)
+        _write(_device(pf, "sriov_numvfs"), str(count), f"could not enable {count} VFs on PF {pf} "
+               "(sriov_numvfs)")
+        if not _wait(lambda: all(os.path.lexists(_device(pf, f"virtfn{vf}")) for vf in range(count)),
+                     timeout):
+            raise BackendError(f"PF {pf} did not create its {count} VFs within {timeout:.0f}s")
+        if not _wait(lambda: has_carrier(pf), 10.0, 0.1):  # no peer on the wire: probe anyway
+            log.warning("PF %s has no carrier after enabling VFs; probing them anyway", pf)
+    finally:
+        if before:
+            _write(autoprobe, before, f"could not restore VF driver probing on PF {pf}", missing_ok=True)
+    bind_vf_drivers(pf, range(count), timeout, settle=0)  # nothing autoprobed them
     log.info("enabled %d VFs on PF %s", count, pf)
+
+
+def _write(path: str, value: str, what: str, missing_ok: bool = False) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise BackendError(f"{what}: {path} does not exist") from None
+    except OSError as exc:
+        raise BackendError(f"{what}: {exc.strerror or exc}") from None
 
 
 def disable_vfs(pf: str) -> None:
@@ -120,26 +142,36 @@ def disable_vfs(pf: str) -> None:
     log.info("disabled the VFs of PF %s", pf)
 
 
-def bind_vf_drivers(pf: str, vfs, timeout: float = 60.0) -> None:
+def bind_vf_drivers(pf: str, vfs, timeout: float = 60.0, settle: float = 1.0) -> None:
     """Make sure every VF in ``vfs`` is driven (has a netdev somewhere). Without udev nothing loads the
-    VF driver for new PCI devices (igb's VFs need igbvf): load it by the VFs' modalias, like udev."""
+    VF driver for new PCI devices (igb's VFs need igbvf): load it by the VFs' modalias, as udev would,
+    and probe each VF. ``settle``: how long to give the kernel's own autoprobe first."""
     unbound = [vf for vf in vfs if not _has_driver(pf, vf)]
-    if not unbound:
+    if not unbound or (settle and _wait(lambda: all(_has_driver(pf, vf) for vf in unbound), settle)):
         return
-    if not _wait(lambda: all(_has_driver(pf, vf) for vf in unbound), 1.0):  # autoprobe may be busy
-        aliases = {_read_text(_device(pf, f"virtfn{vf}", "modalias")) for vf in unbound} - {""}
-        for alias in sorted(aliases):
-            try:
-                done = subprocess.run(["modprobe", "-q", alias], capture_output=True, text=True, timeout=60)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise BackendError(f"could not load the VF driver of PF {pf}: {exc}") from None
-            if done.returncode != 0:
-                raise BackendError(f"no driver for the VFs of PF {pf} (modprobe {alias}): "
-                                   f"{done.stderr.strip() or done.returncode}")
-        if not _wait(lambda: all(_has_driver(pf, vf) for vf in unbound), timeout):
-            missing = [vf for vf in unbound if not _has_driver(pf, vf)]
-            raise BackendError(f"VFs {missing} of PF {pf} have no driver after loading it "
-                               "(sriov_drivers_autoprobe off?)")
+    aliases = {_read_text(_device(pf, f"virtfn{vf}", "modalias")) for vf in unbound} - {""}
+    for alias in sorted(aliases):
+        try:
+            run(["modprobe", "-q", alias], timeout=60)
+        except CommandError as exc:
+            raise BackendError(f"no driver for the VFs of PF {pf} (modprobe {alias}): {exc}") from None
+    for vf in unbound:  # a driver loaded earlier does not look at devices that appeared since
+        if not _has_driver(pf, vf):
+            _probe(vf_pci(pf, vf))
+    if not _wait(lambda: all(_has_driver(pf, vf) for vf in unbound), timeout):
+        missing = [vf for vf in unbound if not _has_driver(pf, vf)]
+        raise BackendError(f"VFs {missing} of PF {pf} have no driver after loading and probing it")
+
+
+def _probe(pci_address: str) -> None:
+    """Ask the PCI core to bind a driver to one device (what udev's coldplug amounts to)."""
+    if not pci_address:
+        return
+    try:
+        with open("/sys/bus/pci/drivers_probe", "w") as f:
+            f.write(pci_address)
+    except OSError as exc:  # ENODEV/EINVAL: no driver matches (yet); the wait below reports it
+        log.debug("probing %s: %s", pci_address, exc.strerror or exc)
 
 
 def _read_text(path: str) -> str:
@@ -205,6 +237,14 @@ def configure_vf(ipr, pf: links.LinkInfo, vf: int, *, mac: str, vlan: int, max_t
         _wait(lambda: has_carrier(pf.name), carrier_timeout, 0.1)
         _set_vf(ipr, pf, vf, "max tx rate", {"rate": {"min_tx_rate": 0, "max_tx_rate": max_tx_rate}},
                 optional=max_tx_rate == 0)
+
+
+NEUTRAL = {"mac": ZERO_MAC, "vlan": 0, "max_tx_rate": 0, "spoofchk": 1, "trust": 0}
+
+
+def is_neutral(settings: dict) -> bool:
+    """True when a VF's settings (one entry of vf_settings) are what reset_vf leaves."""
+    return all(settings.get(key, neutral) in (neutral, None) for key, neutral in NEUTRAL.items())
 
 
 def reset_vf(ipr, pf: links.LinkInfo, vf: int) -> list[str]:

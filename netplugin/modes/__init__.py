@@ -1,23 +1,28 @@
-"""Registry of network modes: routes never branch on the mode, they look it up here."""
+"""The network modes. Each driver builds its own registry (modes may keep state of their own, e.g. the
+SR-IOV VF inventory, in the driver's store); routes never branch on the mode, they look it up."""
 from plugincore.errors import InvalidRequest
 from .base import Mode
 from .sriov import SriovMode
 from .static import StaticMode
 from .vlan import VlanMode
 
-MODES: dict[str, Mode] = {mode.name: mode for mode in (StaticMode(), VlanMode(), SriovMode())}
+MODE_CLASSES: tuple[type[Mode], ...] = (StaticMode, VlanMode, SriovMode)
 DEFAULT_MODE = "static"
 
 
-def get_mode(name: str | None) -> Mode:
-    name = name or DEFAULT_MODE
-    try:
-        return MODES[name]
-    except KeyError:
-        raise InvalidRequest(f"unknown mode {name!r} (valid: {', '.join(sorted(MODES))})") from None
+class ModeRegistry:
+    """One instance of every mode, bound to one driver's state store and lock directory."""
 
+    def __init__(self, store, locks):
+        self._modes: dict[str, Mode] = {cls.name: cls(store, locks) for cls in MODE_CLASSES}
 
-def bind_all(store, locks) -> None:
-    """Give every mode the shared state store and locks (once per process, before any request)."""
-    for mode in MODES.values():
-        mode.bind(store, locks)
+    def get(self, name: str | None) -> Mode:
+        name = name or DEFAULT_MODE
+        try:
+            return self._modes[name]
+        except KeyError:
+            valid = ", ".join(sorted(self._modes))
+            raise InvalidRequest(f"unknown mode {name!r} (valid: {valid})") from None
+
+    def __iter__(self):
+        return iter(self._modes.values())

@@ -20,6 +20,12 @@ class Mode:
     network_options: dict[str, str] = {}  # accepted `-o` keys -> help text
     endpoint_options: dict[str, str] = {}  # accepted `--driver-opt` keys -> help text
 
+    def __init__(self, store=None, locks=None):
+        """``store``/``locks``: the driver's state store and lock directory, for modes that keep
+        tables of their own (None in tests that only parse and validate)."""
+        self.store = store
+        self.locks = locks
+
     def validate(self, ipr, network_id: str, generic: dict, ipv4: list, ipv6: list,
                  internal: bool) -> Validated:
         """Check every option and the kernel preconditions without changing anything."""
@@ -50,9 +56,6 @@ class Mode:
         return []
 
     # Optional hooks; the defaults suit modes that keep nothing beyond networks and endpoints.
-    def bind(self, store, locks) -> None:
-        """Called once with the shared state store and lock directory (modes with tables of their own)."""
-
     def endpoint_mac(self, net, options: dict, mac: str) -> str | None:
         """At CreateEndpoint: check the endpoint's ``--driver-opt``s; return the MAC it must have when
         Docker gave none (``mac`` is Docker's, maybe ''), or None to let the driver derive one."""

@@ -13,6 +13,7 @@ import re
 from plugincore.errors import BackendError, Conflict, InvalidRequest
 from ..kernel import links, sriov
 from ..sriov_inventory import Inventory
+from ..state import READY
 from .base import MTU_OPTION, Mode, Validated, check_known_options, parse_mtu
 from .bridged import BridgedMode
 from .vlan import parse_vlan
@@ -57,15 +58,13 @@ class SriovMode(Mode):
         "rate": "max tx rate of the VF in Mbit/s (e.g. 100 or 100mbit; default: no limit)",
     }
 
-    def __init__(self):
-        self.inventory: Inventory | None = None
-
-    def bind(self, store, locks) -> None:
-        self.inventory = Inventory(store)
+    def __init__(self, store=None, locks=None):
+        super().__init__(store, locks)
+        self.inventory = Inventory(store) if store is not None else None
 
     def _inv(self) -> Inventory:
         if self.inventory is None:
-            raise BackendError("sriov mode has no state store (Mode.bind was not called)")
+            raise BackendError("sriov mode has no state store (built without one)")
         return self.inventory
 
     # networks
@@ -182,6 +181,22 @@ class SriovMode(Mode):
         vf = self._inv().claimed_by(ep.id)
         if vf is not None:
             self._release(ipr, vf)
+        self._sweep(ipr, net)
+
+    def _sweep(self, ipr, net) -> None:
+        """Reset free VFs that came home carrying a container's settings again: a VF driver registers
+        its own MAC with the PF when it resets (igbvf does while Docker moves it home after Leave, and
+        the PF accepts it once the admin MAC is cleared). Runs at Leave/DeleteEndpoint; one netlink
+        dump of the PF's VFs when there is nothing to do."""
+        pf = links.get_link(ipr, net.kernel["pf"])
+        if pf is None:
+            return
+        settings = sriov.vf_settings(ipr, pf.index)
+        for vf in self._inv().pool(net.id):
+            if (vf.endpoint_id is None and not sriov.is_neutral(settings.get(vf.vf, {}))
+                    and sriov.vf_location(vf.pf, vf.vf) == sriov.HOME):
+                for problem in sriov.reset_vf(ipr, pf, vf.vf):
+                    log.warning("resetting free VF %d of %s: %s", vf.vf, vf.pf, problem)
 
     def _release(self, ipr, vf) -> None:
         """Reset the VF through its PF and return it to the pool. Its netdev may still be in the
@@ -232,6 +247,9 @@ class SriovMode(Mode):
             freed += 1
         for network_id in vanished:
             inv.forget_network(network_id)
+        for net in state.networks():
+            if net.mode == self.name and net.status == READY:
+                self._sweep(ipr, net)
         return {"freed_vfs": freed, "kept_vfs": kept}
 
     def oper_info(self, net, ep) -> dict:

@@ -3,7 +3,9 @@
 Everything here runs as root and only touches what the lab itself created: network namespaces
 whose names start with LAB_PREFIX, processes it started (tracked by PID and start time),
 mounts and files under temporary directories it made, and plugin sockets with unique names.
-Nothing is ever done in the root network namespace.
+Nothing is ever done in the root network namespace, except inside the VM lane (a throwaway guest
+whose only NICs sit on a private emulated wire): there a dockerd may run in the guest's initial
+namespace, where SR-IOV VFs appear (``in_vm_lane()``).
 
 This module holds the shared plumbing (one subprocess helper, HTTP over a Unix socket, process
 bookkeeping); netns.py, dockerd.py, image.py and plugin.py build on it.
@@ -56,6 +58,11 @@ def cleanup_all() -> list[str]:
         except Exception as exc:  # noqa: BLE001 - keep going, report at the end
             errors.append(f"{getattr(fn, '__qualname__', fn)}: {exc}")
     return errors
+
+
+def in_vm_lane() -> bool:
+    """True inside scripts/vm-lane's guest (its init's own /run/vm-lane exists only there)."""
+    return os.environ.get("NETPLUGIN_VM_LANE") == "1" and os.path.isfile("/run/vm-lane/vm.conf")
 
 
 def skip_reason() -> str | None:

@@ -3,7 +3,8 @@
 Started with ``nsenter --net`` (``ip netns exec`` would remount /sys and dockerd then fails with
 "Devices cgroup isn't mounted"), with every path of its own under a temp dir D:
 ``--data-root D/data --exec-root D/exec -H unix://D/docker.sock --pidfile D/docker.pid``.
-Docker's iptables rules (FORWARD policy DROP) therefore only exist in that netns.
+Docker's iptables rules (FORWARD policy DROP) therefore only exist in that netns. ``netns=None``
+(the initial namespace) is refused outside the VM lane's throwaway guest.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import (DOCKER, DOCKERD, LAB_PREFIX, NETNS_DIR, NSENTER, PLUGIN_DIR, ProcRef, descendants,
-               end_processes, http_unix, pids_with_arg, register_cleanup, remove_tree, sh,
+               end_processes, http_unix, in_vm_lane, pids_with_arg, register_cleanup, remove_tree, sh,
                stop_popen, tail, wait_until)
 from .image import IMAGE
 
@@ -27,8 +28,10 @@ _live: list["Dockerd"] = []
 class Dockerd:
     """One dockerd in netns ``netns``. ``docker(...)`` runs the CLI against it."""
 
-    def __init__(self, netns: str, *, log_path: Path | None = None, log_level: str = "info",
+    def __init__(self, netns: str | None, *, log_path: Path | None = None, log_level: str = "info",
                  extra_args: tuple[str, ...] = ()):
+        if netns is None and not in_vm_lane():
+            raise RuntimeError("a lab dockerd runs in a lab netns; the initial namespace only in the VM lane")
         self.netns = netns
         self.log_level = log_level
         self.extra_args = list(extra_args)
@@ -59,7 +62,8 @@ class Dockerd:
 
     def argv(self) -> list[str]:
         r = self.root
-        return [NSENTER, f"--net={NETNS_DIR}/{self.netns}", DOCKERD,
+        prefix = [NSENTER, f"--net={NETNS_DIR}/{self.netns}"] if self.netns else []
+        return [*prefix, DOCKERD,
                 "--config-file", str(r / "daemon.json"), "--bridge=none",
                 "--data-root", str(r / "data"), "--exec-root", str(r / "exec"),
                 "-H", self.host, "--pidfile", str(r / "docker.pid"), "--live-restore",
@@ -79,7 +83,7 @@ class Dockerd:
                                          stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
         try:
-            wait_until(self._ready, timeout, f"dockerd in {self.netns} to answer /_ping")
+            wait_until(self._ready, timeout, f"dockerd in {self.netns or 'the initial netns'} to answer /_ping")
         except Exception as exc:
             msg = f"dockerd failed to start: {exc}\n--- dockerd log ---\n{self.log_tail(30)}"
             self.stop(kill_leftovers=True)

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -163,6 +164,15 @@ class Plugin:
     def call(self, endpoint: str, body=None, timeout: float = 30.0) -> dict:
         """POST and return the reply dict (error replies included: check ``reply.get("Err")``)."""
         return self.request(endpoint, body, timeout)[1]
+
+    def state_rows(self, sql: str) -> list[tuple]:
+        """Query the plugin's SQLite state directly (SELECTs only; ``status`` would cost a Python
+        start-up, seconds in the VM lane)."""
+        db = sqlite3.connect(self.state_dir / "netplugin.db", timeout=10)
+        try:
+            return db.execute(sql).fetchall()
+        finally:
+            db.close()
 
     def log_tail(self, lines: int = 80) -> str:
         return tail(self.log, lines)

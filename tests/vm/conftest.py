@@ -24,6 +24,8 @@ Fixtures (each skips on the host):
     igb_pf      the igb NIC's PF netdev (SR-IOV capable; skips unless the lane ran with --igb)
     wire_peer   the virtio-net NIC on the same emulated wire (a QEMU hub) as the igb PF
     netns       a factory of throwaway network namespaces, removed after the test
+    wire        (PF, peer netns, netns factory): the igb PF with no VFs enabled, and the wire peer
+                NIC moved into its own namespace with WIRE_PEER_IP/24; VFs disabled afterwards
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import pytest
 # scripts/vm-lane sets NETPLUGIN_VM_LANE=1 in the guest; /run/vm-lane is the guest init's own
 # directory (a tmpfs in the guest), so an exported variable alone never makes the host "the VM".
 IN_VM_LANE = os.environ.get("NETPLUGIN_VM_LANE") == "1" and os.path.isfile("/run/vm-lane/vm.conf")
+WIRE_PEER_IP = "10.79.0.1"
 SKIP_REASON = "needs 8021q/bridge vlan_filtering/igb: runs in the VM lane, scripts/test-vm"
 MARKER = "vm: needs kernel features the host lacks (8021q, vlan_filtering, dm-thin, SR-IOV igb): " \
          "runs in the VM lane (scripts/test-vm), skipped on the host"
@@ -151,3 +154,30 @@ def netns(vm):
     yield make
     for name in created:
         vm.run("ip", "netns", "delete", name, check=False)
+
+
+@pytest.fixture
+def wire(vm, igb_pf, wire_peer, netns):
+    assert _num_vfs(igb_pf) == 0, "a previous test left VFs enabled"
+    resources = Path(f"/sys/class/net/{igb_pf}/device/resource").read_text().splitlines()
+    vf_bar = int(resources[7].split()[0], 16)  # PCI resource 7 = the PF's first SR-IOV BAR
+    if vf_bar >= 1 << 32:
+        pytest.fail(f"the igb PF's VF BARs are at {vf_bar:#x}, above 4 GiB: QEMU 10.0 decodes igbvf "
+                    "BARs as 32-bit, so VFs never reach their registers (igbvf: 'PF still in reset "
+                    "state', no carrier). Boot the lane with at most 2.75 GiB of RAM (vm-lane run --igb "
+                    "--mem 2560M): the firmware then keeps the PCI windows below 4 GiB.")
+    peer_ns = netns()
+    vm.ip_batch(f"link set {wire_peer} netns {peer_ns}\n")
+    vm.ip_batch(f"link set {wire_peer} up\naddr add {WIRE_PEER_IP}/24 dev {wire_peer}\n",
+                netns=peer_ns)
+    yield igb_pf, peer_ns, netns
+    if _num_vfs(igb_pf):  # VFs still in sandboxes vanish with them
+        Path(f"/sys/class/net/{igb_pf}/device/sriov_numvfs").write_text("0")
+    # back now: a deleted namespace returns its physical NICs asynchronously, too late for the
+    # next test
+    vm.ip_batch(f"link set {wire_peer} netns 1\n", netns=peer_ns)
+    vm.run("ip", "addr", "flush", "dev", wire_peer)
+
+
+def _num_vfs(pf: str) -> int:
+    return int(Path(f"/sys/class/net/{pf}/device/sriov_numvfs").read_text())

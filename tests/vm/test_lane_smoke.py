@@ -68,7 +68,8 @@ def test_dm_thin_pool_without_udev(vm, tmp_path):
     pool = f"vmtpool{os.getpid()}"
     try:
         # 64 MiB data (131072 sectors), 64 KiB blocks (128 sectors), low water mark 0
-        vm.run("dmsetup", "create", pool, "--table", f"0 131072 thin-pool {loops[0]} {loops[1]} 128 0")
+        table = f"0 131072 thin-pool {loops[0]} {loops[1]} 128 0"
+        vm.run("dmsetup", "create", pool, "--table", table)
         vm.run("dmsetup", "message", pool, "0", "create_thin 0")
         vm.run("dmsetup", "create", f"{pool}t", "--table", f"0 65536 thin /dev/mapper/{pool} 0")
         assert "thin-pool" in vm.run("dmsetup", "status", pool).stdout

@@ -13,7 +13,6 @@ from pyroute2 import IPRoute, netns as pr_netns
 
 from netplugin import config as netconfig
 from netplugin.kernel import sriov
-from netplugin.modes import get_mode
 from netplugin.modes.sriov import parse_mac, parse_rate
 from netplugin.reconcile import reconcile
 from netplugin.service import Services
@@ -21,9 +20,10 @@ from netplugin.sriov_inventory import SRIOV_SCHEMA, Inventory
 from plugincore.errors import Conflict, InvalidRequest
 from plugincore.store import Store
 from tests.kernel.conftest import lab  # noqa: F401 - the kernel tests' namespace fixture
+from tests.vm.conftest import WIRE_PEER_IP
 
 SUBNET = [{"AddressSpace": "local", "Pool": "10.79.0.0/24", "Gateway": "10.79.0.1/24"}]
-PEER_IP = "10.79.0.1"
+PEER_IP = WIRE_PEER_IP  # the wire fixture's peer (tests/vm/conftest.py)
 NET = "5a" * 32
 
 
@@ -123,27 +123,6 @@ def test_parent_must_be_seen_in_sysfs(lab, tmp_path):  # noqa: F811
 
 # ---- VM: the emulated igb NIC ----
 
-@pytest.fixture
-def wire(vm, igb_pf, wire_peer, netns):
-    """(PF, peer netns, netns factory): the wire peer NIC in its own namespace with PEER_IP."""
-    assert sriov.num_vfs(igb_pf) == 0, "a previous test left VFs enabled"
-    vf_bar = int(open(f"/sys/class/net/{igb_pf}/device/resource").read().splitlines()[7].split()[0], 16)
-    if vf_bar >= 1 << 32:  # PCI resource 7 = the PF's first SR-IOV BAR
-        pytest.fail(f"the igb PF's VF BARs are at {vf_bar:#x}, above 4 GiB: QEMU 10.0 decodes igbvf BARs as "
-                    "32-bit, so VFs never reach their registers (igbvf: 'PF still in reset state', no "
-                    "carrier). Boot the lane with at most 2.75 GiB of RAM (vm-lane run --igb --mem 2560M): "
-                    "the firmware then keeps the PCI windows below 4 GiB.")
-    peer_ns = netns()
-    vm.ip_batch(f"link set {wire_peer} netns {peer_ns}\n")
-    vm.ip_batch(f"link set {wire_peer} up\naddr add {PEER_IP}/24 dev {wire_peer}\n", netns=peer_ns)
-    yield igb_pf, peer_ns, netns
-    if sriov.num_vfs(igb_pf):
-        sriov.disable_vfs(igb_pf)  # VFs still in sandboxes vanish with them
-    # back now: a deleted namespace returns its physical NICs asynchronously, too late for the next test
-    vm.ip_batch(f"link set {wire_peer} netns 1\n", netns=peer_ns)
-    vm.run("ip", "addr", "flush", "dev", wire_peer)
-
-
 def _driver(tmp_path):
     return Services(netconfig.load(overrides={"state_dir": str(tmp_path / "state")}, environ={})).driver
 
@@ -185,8 +164,10 @@ def _ping(ns, address, tries=15) -> bool:
     return False
 
 
-def _in_use():
-    return {vf.vf: vf.endpoint_id for vf in get_mode("sriov").inventory.pool(NET) if vf.endpoint_id}
+def _in_use(driver):
+    """VF -> endpoint holding it, from the driver's persisted inventory."""
+    inventory = driver.modes.get("sriov").inventory
+    return {vf.vf: vf.endpoint_id for vf in inventory.pool(NET) if vf.endpoint_id}
 
 
 @pytest.mark.vm
@@ -208,7 +189,7 @@ def test_endpoints_get_configured_vfs_and_reach_the_peer(wire, tmp_path):
     src1, mac1, sb1 = _plug(driver, ns, _ep(1), "10.79.0.10", {"rate": "100mbit"})
     src2, mac2, sb2 = _plug(driver, ns, _ep(2), "10.79.0.11", {"mac": "02:aa:bb:cc:dd:02", "rate": "200"})
     assert mac1 == "02:4e:0a:4f:00:0a" and mac2 == "02:aa:bb:cc:dd:02"
-    assert _in_use() == {0: _ep(1), 1: _ep(2)} and (src1, src2) == (names[0], names[1])
+    assert _in_use(driver) == {0: _ep(1), 1: _ep(2)} and (src1, src2) == (names[0], names[1])
     lines = _vf_lines(pf)
     assert mac1 in lines[0] and "max_tx_rate 100Mbps" in lines[0] and "spoof checking on" in lines[0]
     assert mac2 in lines[1] and "max_tx_rate 200Mbps" in lines[1] and "trust off" in lines[1]
@@ -230,7 +211,7 @@ def test_endpoints_get_configured_vfs_and_reach_the_peer(wire, tmp_path):
         time.sleep(0.1)
     print("VF 0 came home as", sriov.vf_netdev(pf, 0))
     driver.delete_endpoint(NET, _ep(1))
-    assert _in_use() == {1: _ep(2)}
+    assert _in_use(driver) == {1: _ep(2)}
     src3, _, sb3 = _plug(driver, ns, _ep(3), "10.79.0.12")
     assert src3 == names[0], "the freed VF is handed out again, under its original name"
     assert _ping(sb3, PEER_IP)
@@ -242,7 +223,7 @@ def test_endpoints_get_configured_vfs_and_reach_the_peer(wire, tmp_path):
     time.sleep(0.5)
     driver.delete_network(NET)
     assert sriov.num_vfs(pf) == 0, "VFs the network enabled are disabled with it"
-    assert get_mode("sriov").inventory.pool() == []
+    assert driver.modes.get("sriov").inventory.pool() == []
 
 
 @pytest.mark.vm
@@ -292,7 +273,7 @@ def test_restart_frees_vfs_of_vanished_endpoints(wire, tmp_path):
     # state loses ep2 and ep3 (e.g. a restored backup): ep2's VF is in a container, ep3's is home.
     driver.create_endpoint(NET, _ep(3), {"Address": "10.79.0.12/24"}, {"rate": "30"})
     driver.join(NET, _ep(3), "/x")
-    assert _in_use() == {0: _ep(1), 1: _ep(2), 2: _ep(3)}
+    assert _in_use(driver) == {0: _ep(1), 1: _ep(2), 2: _ep(3)}
     driver.state.drop_endpoint(_ep(2))
     driver.state.drop_endpoint(_ep(3))
     restarted = _driver(tmp_path)
@@ -301,13 +282,13 @@ def test_restart_frees_vfs_of_vanished_endpoints(wire, tmp_path):
     print(f"reconcile: {time.monotonic() - t0:.1f}s {summary}")
     assert summary["freed_vfs"] == 1 and summary["kept_vfs"] == 1
     assert summary["repaired_endpoints"] == 1 and summary["lost_endpoints"] == 0
-    assert _in_use() == {0: _ep(1), 1: _ep(2)}
+    assert _in_use(driver) == {0: _ep(1), 1: _ep(2)}
     lines = _vf_lines(pf)
     assert "00:00:00:00:00:00" in lines[2] and "max_tx_rate" not in lines[2], "ep3's VF reset"
     assert "max_tx_rate 50Mbps" in lines[0]
     assert _ping(sb1, PEER_IP), "the surviving container keeps its VF"
     _, _, sb4 = _plug(restarted, ns, _ep(4), "10.79.0.13")
-    assert _in_use()[2] == _ep(4) and _ping(sb4, PEER_IP)
+    assert _in_use(driver)[2] == _ep(4) and _ping(sb4, PEER_IP)
     # once ep2's container is gone and its VF home, the next reconciliation frees it
     pr_netns.remove(sb2)
     for _ in range(100):
@@ -315,4 +296,4 @@ def test_restart_frees_vfs_of_vanished_endpoints(wire, tmp_path):
             break
         time.sleep(0.1)
     assert reconcile(_driver(tmp_path))["freed_vfs"] == 1
-    assert 1 not in _in_use()
+    assert 1 not in _in_use(driver)

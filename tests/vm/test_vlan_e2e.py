@@ -20,7 +20,6 @@ guest's overlayfs root). Run it with:
 """
 from __future__ import annotations
 
-import sqlite3
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -139,16 +138,6 @@ def _reachability(dockerd, container, targets) -> dict[str, bool]:
     return {out[i]: out[i + 1] == "yes" for i in range(0, len(out), 2)}
 
 
-def _plugin_state(plugin, sql: str) -> list[tuple]:
-    """Read the plugin's SQLite state directly (``netplugin status`` would cost a Python start-up,
-    seconds in the VM)."""
-    db = sqlite3.connect(plugin.state_dir / "netplugin.db", timeout=10)
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
-
-
 def _plugin_links(lab, ns) -> list[str]:
     return sorted(n for n in lab.links(ns) if n.startswith("np") or n.startswith("eth1."))
 
@@ -166,14 +155,14 @@ def test_vlan_tenants_through_dockerd(trunk, stack):
         bridge, sub = f"npb-{net_id[:11]}", f"eth1.{vlan}"
         assert links[sub]["kind"] == "vlan", f"{sub} not created: {sorted(links)}"
         assert links[sub]["master"] == links[bridge]["index"], f"{sub} is not a port of {bridge}"
-    assert _plugin_state(plugin, "SELECT pool, refs FROM ipam_pools") == [(SUBNET, 2)], \
+    assert plugin.state_rows("SELECT pool, refs FROM ipam_pools") == [(SUBNET, 2)], \
         "both networks share one reference-counted pool"
     addresses = [a for a in lab.addresses(hosta) if not a.startswith("127.")]
     assert addresses == [], "the Docker host's bridges and VLAN links carry no address"
 
     dup = _create_vlan_net(dockerd, plugin, "v100bis", 100, check=False)
     assert dup.returncode != 0 and "eth1.100 is already used" in dup.stderr, dup.stderr
-    assert _plugin_state(plugin, "SELECT refs FROM ipam_pools") == [(2,)], \
+    assert plugin.state_rows("SELECT refs FROM ipam_pools") == [(2,)], \
         "the refused network gave its pool reference back"
 
     for vlan, address in CONTAINER.items():  # one at a time: in parallel they were no faster
@@ -204,4 +193,4 @@ def test_vlan_tenants_through_dockerd(trunk, stack):
     # Docker and the plugin forgot both networks; the shared pool's last release dropped it.
     assert [n["name"] for n in dockerd.networks()] == []
     for table in ("networks", "endpoints", "ipam_pools", "ipam_addresses"):
-        assert _plugin_state(plugin, f"SELECT COUNT(*) FROM {table}") == [(0,)], f"{table} not empty"
+        assert plugin.state_rows(f"SELECT COUNT(*) FROM {table}") == [(0,)], f"{table} not empty"
