@@ -40,12 +40,15 @@ def delete_network():
 
 @bp.post("/NetworkDriver.AllocateNetwork")
 def allocate_network():
-    # Only swarm managers of global-scope drivers call this; a local driver has nothing to allocate.
-    return reply({"Options": {}})
+    # Only swarm managers call this, for global-scope drivers (cluster.scope).
+    body = request_body()
+    return reply(_driver().allocate_network(text(body, "NetworkID", True), mapping(body, "Options"),
+                                            sequence(body, "IPv4Data"), sequence(body, "IPv6Data")))
 
 
 @bp.post("/NetworkDriver.FreeNetwork")
 def free_network():
+    _driver().free_network(text(request_body(), "NetworkID", True))
     return reply(EMPTY)
 
 

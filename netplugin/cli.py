@@ -1,10 +1,11 @@
-"""`netplugin serve` and `netplugin status`."""
+"""`netplugin serve`, `netplugin status` and `netplugin reclaim`."""
 import argparse
 import json
+import os
 import logging
 import sys
 
-from plugincore.errors import PluginError
+from plugincore.errors import InvalidRequest, PluginError
 from plugincore.serve import serve, setup_logging
 from . import config as netconfig
 
@@ -23,6 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     status = sub.add_parser("status", parents=[common], help="networks, endpoints and pools from the plugin's state")
     status.add_argument("--json", action="store_true")
+    reclaim = sub.add_parser("reclaim", parents=[common],
+                             help="give back what a dead host held in the cluster store (addresses, pool and "
+                                  "overlay memberships, published endpoints)")
+    reclaim.add_argument("--host", required=True, help="the dead host's cluster.host_id")
+    reclaim.add_argument("--force", action="store_true",
+                         help="even if the host's liveness record is still there (it expires host_ttl "
+                              "seconds after its plugin stopped)")
     return parser
 
 
@@ -35,6 +43,8 @@ def main(argv=None) -> None:
                                               "log_level": getattr(args, "log_level", None)})
         if args.command == "serve":
             _serve(config)
+        elif args.command == "reclaim":
+            _reclaim(config, args.host, args.force)
         else:
             _status(config, args.json)
     except PluginError as exc:
@@ -54,8 +64,30 @@ def _serve(config: dict) -> None:
         except Exception:  # noqa: BLE001 - keep serving: a dead plugin hangs dockerd (libnetwork#813)
             log.exception("start-up reconciliation failed")
 
+    def on_worker():
+        services = Services(config)
+        if services.etcd is not None:  # overlays span hosts: keep the forwarding tables current
+            from .overlay_agent import start_in_background
+            start_in_background(services, os.path.join(config["state_dir"], "locks", "overlay-agent.lock"))
+
     serve(lambda: create_app(config), config["socket"], workers=config["workers"],
-          threads=config["threads"], log_level=config["log_level"], on_ready=on_ready, name="netplugin")
+          threads=config["threads"], log_level=config["log_level"], on_ready=on_ready, on_worker=on_worker,
+          name="netplugin")
+
+
+def _reclaim(config: dict, host: str, force: bool) -> None:
+    from .service import Services
+
+    services = Services(config)
+    if services.etcd is None:
+        raise InvalidRequest("reclaim is for a shared cluster store (cluster.store = \"etcd\"); "
+                             "this configuration keeps everything on this host")
+    if host in services.overlays.live_hosts() and not force:
+        raise InvalidRequest(f"host {host} looks alive (its liveness record is in the store); stop its "
+                             "plugin and wait host_ttl seconds, or pass --force")
+    summary = {**services.ipam.reclaim(host), **services.overlays.reclaim(host)}
+    print(f"reclaimed from {host}: {summary['addresses']} address references, {summary['pools']} pools, "
+          f"{summary['memberships']} overlay memberships, {summary['endpoints']} published endpoints")
 
 
 def _status(config: dict, as_json: bool) -> None:
@@ -70,12 +102,18 @@ def _status(config: dict, as_json: bool) -> None:
         "endpoints": [{"id": e.id, "network": e.network_id, "address": e.address, "mac": e.mac,
                        "joined": bool(e.sandbox), "links": e.kernel} for e in state.endpoints()],
         "pools": services.ipam.pools(),
+        "cluster": {"store": services.cluster["store"], "host_id": services.host_id,
+                    "scope": services.driver.scope,
+                    "live_hosts": services.overlays.live_hosts() if services.etcd is not None else {}},
     }
     if as_json:
         json.dump(report, sys.stdout, indent=2, default=str)
         print()
         return
-    print(f"{'NETWORK':14}{'MODE':8}{'STATUS':10}{'PARENT':10}{'BRIDGE':17}GATEWAY")
+    c = report["cluster"]
+    print(f"cluster store {c['store']}, host {c['host_id']}, scope {c['scope']}"
+          + (f", live hosts: {', '.join(sorted(c['live_hosts'])) or 'none'}" if c["store"] != "local" else ""))
+    print(f"\n{'NETWORK':14}{'MODE':8}{'STATUS':10}{'PARENT':10}{'BRIDGE':17}GATEWAY")
     for n in report["networks"]:
         print(f"{n['id'][:12]:14}{n['mode']:8}{n['status']:10}{n['parent'] or '-':10}"
               f"{n['kernel'].get('bridge', '-'):17}{n['gateway'] or '-'}")

@@ -13,6 +13,19 @@ DEFAULTS = {
         "default_supernet_v6": "",
         "default_prefix_v6": 64,
     },
+    "cluster": {
+        "store": "local",
+        "etcd_endpoints": "",
+        "etcd_prefix": "/netplugin/",
+        "etcd_timeout": 5.0,
+        "host_id": "",
+        "scope": "auto",
+        "underlay": "",
+        "vtep_address": "",
+        "vni_min": 4096,
+        "vni_max": 16777215,
+        "host_ttl": 15,
+    },
 }
 
 

@@ -69,6 +69,22 @@ class NetworkDriver:
                 raise
         log.info("network %s created (%s on %s)", network_id[:12], mode.name, net.parent)
 
+    def allocate_network(self, network_id: str, options: dict, ipv4: list, ipv6: list) -> dict:
+        """Swarm managers of a global-scope driver: allocate cluster-wide resources once per network."""
+        check_id(network_id, "NetworkID")
+        options = options or {}
+        if isinstance(options.get(GENERIC), dict):  # the -o map may come nested, as in CreateNetwork
+            options = options[GENERIC]
+        generic = {str(k): v if isinstance(v, str) else str(v) for k, v in options.items()
+                   if not str(k).startswith("com.docker.")}
+        mode = self.modes.get(generic.get("mode"))
+        return {"Options": mode.allocate(network_id, generic, ipv4 or [])}
+
+    def free_network(self, network_id: str) -> None:
+        check_id(network_id, "NetworkID")
+        for mode in self.modes:
+            mode.free(network_id)
+
     def delete_network(self, network_id: str) -> None:
         check_id(network_id, "NetworkID")
         with self._lock(network_id), IPRoute() as ipr:

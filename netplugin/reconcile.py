@@ -33,7 +33,7 @@ def reconcile(driver) -> dict:
                 log.exception("could not repair network %s", net.id[:12])
         live = {net.id: net for net in state.networks() if net.status == READY}
         existing = {link.name: link for link in links.list_links(ipr)}
-        keep = {b for net in live.values() for b in driver.modes.get(net.mode).bridges(net)}
+        keep = {link for net in live.values() for link in driver.modes.get(net.mode).owned_links(net)}
         for ep in state.endpoints():
             net = live.get(ep.network_id)
             if net is None:

@@ -55,9 +55,11 @@ class _Gunicorn(BaseApplication):
 
 
 def serve(app_factory, socket_path: str, *, workers: int = 2, threads: int = 4, log_level: str = "info",
-          on_ready=None, name: str = "plugin") -> None:
+          on_ready=None, on_worker=None, name: str = "plugin") -> None:
     """Bind ``socket_path`` (mode 0600) at once, run ``on_ready`` in the master before any worker
-    starts (requests wait in the listen backlog meanwhile), then serve until SIGTERM/SIGINT."""
+    starts (requests wait in the listen backlog meanwhile), then serve until SIGTERM/SIGINT.
+    ``on_worker`` runs in every worker once it is initialised (e.g. to start a background thread:
+    threads must start after the fork, never in the master)."""
     claim_socket_path(socket_path)
 
     def when_ready(_arbiter):
@@ -67,6 +69,8 @@ def serve(app_factory, socket_path: str, *, workers: int = 2, threads: int = 4, 
 
     def post_worker_init(_worker):
         setup_logging(log_level)
+        if on_worker is not None:
+            on_worker()
 
     options = {
         "bind": f"unix:{socket_path}",

@@ -9,7 +9,8 @@ import re
 BRIDGE_PREFIX = "npb-"  # a network's bridge
 HOST_VETH_PREFIX = "npe-"  # an endpoint's host-side veth end
 PEER_VETH_PREFIX = "npc-"  # its container-side end until Docker moves and renames it
-OWNED_PREFIXES = (BRIDGE_PREFIX, HOST_VETH_PREFIX, PEER_VETH_PREFIX)
+VXLAN_PREFIX = "npx-"  # a network's VXLAN device (overlay mode)
+OWNED_PREFIXES = (BRIDGE_PREFIX, HOST_VETH_PREFIX, PEER_VETH_PREFIX, VXLAN_PREFIX)
 IFNAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,15}$")
 _ID_CHARS = 11
 
@@ -24,6 +25,10 @@ def host_veth_name(endpoint_id: str) -> str:
 
 def peer_veth_name(endpoint_id: str) -> str:
     return PEER_VETH_PREFIX + endpoint_id[:_ID_CHARS]
+
+
+def vxlan_name(network_id: str) -> str:
+    return VXLAN_PREFIX + network_id[:_ID_CHARS]
 
 
 def is_owned(ifname: str) -> bool:

@@ -7,6 +7,17 @@ MTU_OPTION = "com.docker.network.driver.mtu"
 
 
 @dataclass
+class ModeContext:
+    """What a driver gives its modes: its state store and locks (modes with tables of their own), the
+    overlay registry (local or shared through the cluster store) and the cluster configuration."""
+
+    store: object = None
+    locks: object = None
+    overlays: object = None
+    cluster: dict = field(default_factory=dict)
+
+
+@dataclass
 class Validated:
     """A mode's read-only verdict on a CreateNetwork request."""
 
@@ -20,11 +31,8 @@ class Mode:
     network_options: dict[str, str] = {}  # accepted `-o` keys -> help text
     endpoint_options: dict[str, str] = {}  # accepted `--driver-opt` keys -> help text
 
-    def __init__(self, store=None, locks=None):
-        """``store``/``locks``: the driver's state store and lock directory, for modes that keep
-        tables of their own (None in tests that only parse and validate)."""
-        self.store = store
-        self.locks = locks
+    def __init__(self, ctx: ModeContext | None = None):
+        self.ctx = ctx or ModeContext()  # empty in tests that only parse and validate
 
     def validate(self, ipr, network_id: str, generic: dict, ipv4: list, ipv6: list,
                  internal: bool) -> Validated:
@@ -55,6 +63,10 @@ class Mode:
         """Bridges whose traffic the FORWARD chain must accept."""
         return []
 
+    def owned_links(self, net) -> list[str]:
+        """Links with the plugin's name prefixes the network keeps (start-up removes other ones)."""
+        return self.bridges(net)
+
     # Optional hooks; the defaults suit modes that keep nothing beyond networks and endpoints.
     def endpoint_mac(self, net, options: dict, mac: str) -> str | None:
         """At CreateEndpoint: check the endpoint's ``--driver-opt``s; return the MAC it must have when
@@ -67,6 +79,14 @@ class Mode:
 
     def oper_info(self, net, ep) -> dict:
         return {}
+
+    def allocate(self, network_id: str, generic: dict, ipv4: list) -> dict:
+        """On a swarm manager (AllocateNetwork): cluster-wide resources for a new network; the options
+        returned reach CreateNetwork on every node. Modes without any return {}."""
+        return {}
+
+    def free(self, network_id: str) -> None:
+        """FreeNetwork: give back what allocate() took; unknown: done."""
 
 
 def check_known_options(given: dict, known: dict[str, str], what: str) -> None:

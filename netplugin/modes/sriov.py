@@ -58,9 +58,9 @@ class SriovMode(Mode):
         "rate": "max tx rate of the VF in Mbit/s (e.g. 100 or 100mbit; default: no limit)",
     }
 
-    def __init__(self, store=None, locks=None):
-        super().__init__(store, locks)
-        self.inventory = Inventory(store) if store is not None else None
+    def __init__(self, ctx=None):
+        super().__init__(ctx)
+        self.inventory = Inventory(self.ctx.store) if self.ctx.store is not None else None
 
     def _inv(self) -> Inventory:
         if self.inventory is None:

@@ -1,0 +1,154 @@
+"""The overlay agent: keeps this host's VXLAN forwarding tables equal to what the other hosts publish.
+
+One agent per host (gunicorn workers elect one with a non-blocking flock; when its worker dies the lock
+frees and another takes over). It reads every published endpoint once, programs each local overlay
+network's VXLAN device, then follows etcd's watch: a change to an overlay's endpoints re-reads that
+overlay and syncs its devices (one range read, one FDB dump, only the differences written), so a
+container started on host B is reachable from host A a few milliseconds after B's Join. A full pass
+runs again every ``full_resync`` seconds and after any error (etcd down, watch lost), which also
+publishes this host's joined endpoints the store misses and withdraws the ones it no longer runs (a
+Leave while etcd was down). It also keeps this host's liveness record (hosts/<id>, on a lease) alive.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+
+from pyroute2 import IPRoute
+
+from plugincore.errors import BackendError
+from .cluster.etcd import ClusterUnavailable, WatchLost
+from .state import READY
+
+log = logging.getLogger("netplugin.overlay_agent")
+MODE = "overlay"
+
+
+class OverlayAgent:
+    def __init__(self, services, *, full_resync: float = 60.0, retry: float = 1.0):
+        self.driver = services.driver
+        self.overlays = services.overlays
+        self.etcd = services.etcd
+        self.host_id = services.host_id
+        self.ttl = max(int(services.cluster["host_ttl"]), 3)
+        self.host_info = {"vtep": services.cluster["vtep_address"], "underlay": services.cluster["underlay"]}
+        self.full_resync = full_resync
+        self.retry = retry
+        self.lease = 0
+        self.mode = self.driver.modes.get(MODE)
+
+    def local_networks(self) -> dict[str, list]:
+        """Overlay name -> this host's ready overlay networks on it (usually one)."""
+        found: dict[str, list] = {}
+        for net in self.driver.state.networks():
+            if net.mode == MODE and net.status == READY and net.kernel.get("vni") is not None:
+                found.setdefault(net.options["overlay"], []).append(net)
+        return found
+
+    def sync_all(self) -> int:
+        """Program every local overlay from one read of all endpoints; returns the read's revision."""
+        by_overlay, revision = self.overlays.all_endpoints()
+        networks = self.local_networks()
+        with IPRoute() as ipr:
+            for name, nets in networks.items():
+                for net in nets:
+                    self._sync_network(ipr, net, by_overlay.get(name, []))
+        self._settle_own(by_overlay, networks)
+        return revision
+
+    def sync_overlay(self, name: str) -> None:
+        nets = self.local_networks().get(name)
+        if not nets:
+            return  # not an overlay this host takes part in
+        endpoints = self.overlays.endpoints(name)
+        with IPRoute() as ipr:
+            for net in nets:
+                self._sync_network(ipr, net, endpoints)
+
+    def _sync_network(self, ipr, net, endpoints) -> None:
+        try:
+            changed = self.mode.sync_forwarding(ipr, net, endpoints)
+        except BackendError as exc:  # e.g. the network is being deleted right now
+            log.warning("overlay %s: forwarding table of %s not synced: %s", net.options["overlay"],
+                        net.kernel["uplink"], exc)
+            return
+        if changed.get("added") or changed.get("removed"):
+            log.info("overlay %s: %s forwarding entries +%d -%d", net.options["overlay"], net.kernel["uplink"],
+                     changed.get("added", 0), changed.get("removed", 0))
+
+    def _settle_own(self, by_overlay: dict, networks: dict) -> None:
+        joined = {}
+        for nets in networks.values():
+            for net in nets:
+                for ep in self.driver.state.endpoints(net.id):
+                    if ep.sandbox:
+                        joined[ep.id] = (net, ep)
+        for name, endpoints in by_overlay.items():
+            for published in endpoints:
+                if published.get("host") == self.host_id and published["id"] not in joined:
+                    log.info("withdrawing endpoint %s of overlay %s: no longer joined here", published["id"][:12], name)
+                    self.overlays.withdraw(name, published["id"])
+        published_ids = {e["id"] for endpoints in by_overlay.values() for e in endpoints}
+        for endpoint_id, (net, ep) in joined.items():
+            if endpoint_id not in published_ids:
+                log.info("publishing endpoint %s of overlay %s", endpoint_id[:12], net.options["overlay"])
+                self.mode.publish(net, ep)
+
+    def keepalive(self) -> None:
+        if self.lease and self.etcd.lease_keepalive(self.lease) > 0:
+            return
+        self.lease = self.etcd.lease_grant(self.ttl)
+        self.overlays.register_host(self.host_info, self.lease)
+
+    def run(self, stop: threading.Event) -> None:
+        revision, last_full, failures = None, 0.0, 0
+        idle = max(self.ttl / 3, 1.0)  # the watch returns this often when idle: keepalive in between
+        while not stop.is_set():
+            try:
+                if revision is None or time.monotonic() - last_full > self.full_resync:
+                    revision, last_full = self.sync_all(), time.monotonic()
+                self.keepalive()
+                if failures:
+                    log.info("cluster store reachable again; overlays resynced")
+                    failures = 0
+                for name, mod_revision in self.overlays.watch_endpoints(revision + 1, idle):
+                    self.sync_overlay(name)
+                    revision = max(revision, mod_revision)
+                    if stop.is_set():
+                        return
+            except (ClusterUnavailable, WatchLost, BackendError) as exc:
+                failures += 1
+                if failures == 1 or failures % 60 == 0:
+                    log.warning("overlay agent: %s; retrying", exc)
+                revision = None
+                stop.wait(self.retry)
+            except Exception:  # noqa: BLE001 - the agent must outlive surprises; the next pass repairs
+                log.exception("overlay agent pass failed")
+                revision = None
+                stop.wait(self.retry)
+
+
+def run_elected(services, lock_path: str, stop: threading.Event | None = None, poll: float = 2.0) -> None:
+    """Run the agent in whichever process takes ``lock_path`` first; the others wait their turn."""
+    stop = stop or threading.Event()
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        while not stop.is_set():
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                stop.wait(poll)
+                continue
+            log.info("overlay agent running in pid %d", os.getpid())
+            OverlayAgent(services).run(stop)
+    finally:
+        os.close(fd)
+
+
+def start_in_background(services, lock_path: str) -> threading.Thread:
+    thread = threading.Thread(target=run_elected, args=(services, lock_path), name="overlay-agent", daemon=True)
+    thread.start()
+    return thread

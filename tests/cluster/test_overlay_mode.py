@@ -1,0 +1,255 @@
+"""Overlay mode across two emulated hosts against the real kernel and a real etcd (no Docker: the test
+plays Docker's part of moving each container end into a "container" netns).
+
+    hosta (eth0 192.168.90.1) --+
+                                +-- switch netns: bridge + etcd on 192.168.90.254
+    hostb (eth0 192.168.90.2) --+
+
+Each host has its own driver instance and state directory, both pointing at the etcd (host ids
+"hosta"/"hostb"). Driver calls for a host run with the test thread inside that host's netns, so
+pyroute2 sockets and etcd connections are made there.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+from pyroute2 import IPRoute
+
+from netplugin import config as netconfig
+from netplugin.cluster.etcd import ClusterUnavailable
+from netplugin.kernel import names, vxlan
+from netplugin.overlay_agent import OverlayAgent
+from netplugin.reconcile import reconcile
+from netplugin.service import Services
+from tests.lab.etcd import EtcdServer, skip_reason
+from tests.lab.netns import Lab
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+SUBNET, SUBNET2 = "10.88.0.0/24", "10.89.0.0/24"
+ETCD_IP = "192.168.90.254"
+
+
+@contextlib.contextmanager
+def entered(ns: str):
+    """Run the block with this thread in netns ``ns`` (threads started inside inherit it)."""
+    original = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns}")
+        yield
+    finally:
+        _libc.setns(original, CLONE_NEWNET)
+        os.close(target)
+        os.close(original)
+
+
+class Host:
+    def __init__(self, lab, ns, name, etcd_url, state_dir):
+        self.lab, self.ns, self.name = lab, ns, name
+        config = netconfig.load(overrides={"state_dir": str(state_dir)}, environ={})
+        config["cluster"].update(store="etcd", etcd_endpoints=etcd_url, host_id=name, etcd_timeout=2.0,
+                                 etcd_prefix="/ovtest/")
+        self.config = config
+        self.services = Services(config)
+        self.driver = self.services.driver
+        self.ipam = self.services.ipam
+
+    def network(self, network_id: str, overlay: str, subnet: str, **more) -> str:
+        """What Docker does for `docker network create --ipam-driver netplugin -o mode=overlay ...`."""
+        with entered(self.ns):
+            pool = self.ipam.request_pool("local", subnet, "", {}, False)
+            gateway = self.ipam.request_address(pool["PoolID"], "", {"RequestAddressType":
+                                                                      "com.docker.network.gateway"})
+            self.driver.create_network(network_id, {"com.docker.network.generic": {
+                "mode": "overlay", "overlay": overlay, "parent": "eth0", **more}},
+                [{"AddressSpace": "local", "Pool": pool["Pool"], "Gateway": gateway["Address"]}], [])
+            return pool["PoolID"]
+
+    def container(self, network_id: str, pool_id: str, endpoint_id: str) -> tuple[str, str, dict]:
+        """Address from IPAM, CreateEndpoint, Join, then move/rename/address like Docker. Returns
+        (container netns, address, Join reply)."""
+        with entered(self.ns):
+            address = self.ipam.request_address(pool_id, "", {})["Address"]
+            self.driver.create_endpoint(network_id, endpoint_id, {"Address": address}, {})
+            join = self.driver.join(network_id, endpoint_id, "/var/run/docker/netns/x")
+            src = join["InterfaceName"]["SrcName"]
+            sandbox = self.lab.netns(f"c{endpoint_id[:3]}")
+            with IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname=src)[0], net_ns_fd=f"/run/netns/{sandbox}")
+        with IPRoute(netns=sandbox, flags=0) as ipr:
+            idx = ipr.link_lookup(ifname=src)[0]
+            ipr.link("set", index=idx, ifname="eth0", state="up")
+            ip, prefix = address.split("/")
+            ipr.addr("add", index=idx, address=ip, prefixlen=int(prefix))
+        return sandbox, address.split("/")[0], join
+
+    def sync(self) -> None:
+        with entered(self.ns):
+            OverlayAgent(self.services).sync_all()
+
+    def fdb(self, network_id: str) -> dict:
+        with entered(self.ns), IPRoute() as ipr:
+            return vxlan.fdb_entries(ipr, names.vxlan_name(network_id))
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    lab = Lab()
+    server = None
+    try:
+        sw, ha, hb = lab.netns("sw"), lab.netns("ha"), lab.netns("hb")
+        lab.bridge(sw, "br0")
+        lab.addr(sw, "br0", f"{ETCD_IP}/24")
+        for n, host in ((1, ha), (2, hb)):
+            lab.veth(host, "eth0", sw, f"p{n}")
+            lab.enslave(sw, f"p{n}", "br0")
+            lab.up(sw, f"p{n}")
+            lab.addr(host, "eth0", f"192.168.90.{n}/24")
+            lab.up(host, "eth0")
+        server = EtcdServer(tmp_path / "etcd", netns=sw, address=ETCD_IP).start()
+        hosts = [Host(lab, ha, "hosta", server.url, tmp_path / "a"),
+                 Host(lab, hb, "hostb", server.url, tmp_path / "b")]
+        yield lab, server, hosts
+    finally:
+        if server is not None:
+            server.destroy()
+        lab.destroy()
+
+
+def _ping(lab, ns, address, tries=3) -> bool:
+    return any(lab.ping(ns, address, wait=1) for _ in range(tries))
+
+
+def test_containers_on_two_hosts_reach_each_other_and_nothing_else(cluster):
+    lab, _, (a, b) = cluster
+    net_a, net_b = "a1" * 32, "b1" * 32
+    pool_a = a.network(net_a, "tenant1", SUBNET)
+    pool_b = b.network(net_b, "tenant1", SUBNET)
+    assert pool_a == pool_b
+    ca, ip_a, join = a.container(net_a, pool_a, "ea" * 32)
+    cb, ip_b, _ = b.container(net_b, pool_b, "eb" * 32)
+    assert ip_a != ip_b, "one address space across hosts"
+    assert "Gateway" not in join and join["DisableGatewayService"] is True
+    a.sync()
+    b.sync()
+    assert _ping(lab, ca, ip_b) and _ping(lab, cb, ip_a), "containers of one overlay reach each other"
+    vx = names.vxlan_name(net_a)
+    with entered(a.ns), IPRoute() as ipr:
+        info = vxlan.vxlan_info(ipr, vx)
+        mtu = ipr.link("get", ifname=vx)[0].get("mtu")
+    assert info["vni"] == 4096 and info["local"] == "192.168.90.1" and not info["learning"]
+    assert mtu == 1450, "underlay MTU 1500 minus 50"
+    assert a.fdb(net_a) == {"unicast": {names.mac_for(ip_b): "192.168.90.2"}, "flood": {"192.168.90.2"}}
+
+    # another overlay on the same hosts is isolated from the first; so is each host
+    net_a2 = "a2" * 32
+    pool2 = a.network(net_a2, "tenant2", SUBNET2)
+    c2, ip2, _ = a.container(net_a2, pool2, "e2" * 32)
+    assert not lab.ping(c2, ip_a) and not lab.ping(c2, ip_b), "tenant2 cannot reach tenant1"
+    assert not lab.ping(a.ns, ip_a) and not lab.ping(b.ns, ip_a), "the hosts cannot reach containers"
+    assert not lab.ping(ca, "192.168.90.1") and not lab.ping(ca, ETCD_IP), "nor containers the underlay"
+    nat = lab.sh(a.ns, ["iptables", "-t", "nat", "-S"]).stdout
+    assert "MASQUERADE" not in nat and "SNAT" not in nat, nat
+    routes = lab.sh(ca, ["ip", "route"]).stdout
+    assert "default" not in routes, routes
+
+    # the last host leaving the overlay frees its VNI
+    with entered(a.ns):
+        a.driver.leave(net_a, "ea" * 32)
+        a.driver.delete_endpoint(net_a, "ea" * 32)
+        a.driver.delete_network(net_a)
+        assert a.services.overlays.endpoints("tenant1")[0]["host"] == "hostb"
+    with entered(b.ns):
+        b.driver.leave(net_b, "eb" * 32)
+        b.driver.delete_endpoint(net_b, "eb" * 32)
+        b.driver.delete_network(net_b)
+        assert b.services.etcd.get("overlays/tenant1") is None and b.services.etcd.get("vnis/4096") is None
+        assert [n for n in lab.links(b.ns) if n.startswith("np")] == []
+
+
+def test_agent_follows_remote_endpoints_within_a_second(cluster):
+    lab, _, (a, b) = cluster
+    net_a, net_b = "a3" * 32, "b3" * 32
+    pool = a.network(net_a, "t3", SUBNET)
+    b.network(net_b, "t3", SUBNET)
+    ca, ip_a, _ = a.container(net_a, pool, "ec" * 32)
+    stop = threading.Event()
+    with entered(a.ns):
+        agent = threading.Thread(target=OverlayAgent(a.services, retry=0.2).run, args=(stop,), daemon=True)
+        agent.start()  # inherits hosta's netns
+    try:
+        time.sleep(1.0)  # its first full pass and watch
+        started = time.monotonic()
+        cb, ip_b, _ = b.container(net_b, pool, "ed" * 32)
+        mac_b = names.mac_for(ip_b)
+        while mac_b not in a.fdb(net_a)["unicast"]:
+            assert time.monotonic() - started < 5, "host A never learned host B's new endpoint"
+            time.sleep(0.02)
+        latency = time.monotonic() - started
+        print(f"Join on host B -> forwarding entry on host A: {latency * 1000:.0f} ms")
+        assert latency < 1.0
+        b.sync()
+        assert _ping(lab, ca, ip_b)
+        with entered(b.ns):
+            b.driver.leave(net_b, "ed" * 32)
+        deadline = time.monotonic() + 5
+        while mac_b in a.fdb(net_a)["unicast"]:
+            assert time.monotonic() < deadline, "the removal did not propagate"
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        agent.join(10)
+
+
+def test_etcd_down_clear_errors_no_corruption_and_recovery(cluster):
+    lab, server, (a, b) = cluster
+    net_a, net_b = "a4" * 32, "b4" * 32
+    pool = a.network(net_a, "t4", SUBNET)
+    b.network(net_b, "t4", SUBNET)
+    b.container(net_b, pool, "ef" * 32)
+    server.pause()
+    try:
+        with entered(a.ns):
+            with pytest.raises(ClusterUnavailable, match="cluster store unreachable"):
+                a.driver.create_network("a5" * 32, {"com.docker.network.generic": {
+                    "mode": "overlay", "overlay": "t5", "parent": "eth0"}},
+                    [{"AddressSpace": "local", "Pool": SUBNET2, "Gateway": "10.89.0.1/24"}], [])
+            assert a.driver.state.get_network("a5" * 32) is None
+            assert names.vxlan_name("a5" * 32) not in lab.links(a.ns), "nothing left by the failed create"
+        with entered(b.ns):
+            b.driver.leave(net_b, "ef" * 32)  # must not fail: withdrawn once etcd is back
+    finally:
+        server.resume()
+    with entered(b.ns):
+        assert [e["id"] for e in b.services.overlays.endpoints("t4")] == ["ef" * 32], "still published"
+    b.sync()
+    with entered(b.ns):
+        assert b.services.overlays.endpoints("t4") == [], "the agent's pass withdrew it"
+
+
+def test_restart_rebuilds_the_vxlan_device_and_its_forwarding(cluster):
+    lab, _, (a, b) = cluster
+    net_a, net_b = "a6" * 32, "b6" * 32
+    pool = a.network(net_a, "t6", SUBNET)
+    b.network(net_b, "t6", SUBNET)
+    ca, _, _ = a.container(net_a, pool, "e6" * 32)
+    _, ip_b, _ = b.container(net_b, pool, "e7" * 32)
+    a.sync()
+    b.sync()
+    lab.delete_link(a.ns, names.vxlan_name(net_a))  # as if the host had rebooted
+    restarted = Host(lab, a.ns, "hosta", a.config["cluster"]["etcd_endpoints"], a.config["state_dir"])
+    with entered(a.ns):
+        reconcile(restarted.driver)
+    assert a.fdb(net_a)["unicast"] == {names.mac_for(ip_b): "192.168.90.2"}
+    assert _ping(lab, ca, ip_b), "the container on host A reaches host B's again"
