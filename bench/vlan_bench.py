@@ -25,8 +25,6 @@ the VM lane).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -49,7 +47,7 @@ from netplugin.kernel import links  # noqa: E402
 from netplugin.service import Services  # noqa: E402
 from tests.lab import (LAB_PREFIX, NETNS_DIR, NSENTER, OWNER_PID, cleanup_all, skip_reason,  # noqa: E402
                        stop_popen, wait_until)
-from tests.lab.netns import Lab  # noqa: E402
+from tests.lab.netns import Lab, entered  # noqa: E402
 
 IPERF3 = "/usr/bin/iperf3"
 PORT = 5201
@@ -58,8 +56,6 @@ SUBNET = "10.78.0.0/24"
 CTR_VLAN_IP, PEER_VLAN_IP = "10.78.0.10", "10.78.0.50"
 CTR_VETH_IP, PEER_VETH_IP = "10.79.0.10", "10.79.0.50"
 NET_ID, EP_ID = "b100" * 16, "be10" * 16
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def log(msg: str) -> None:
@@ -74,20 +70,7 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-@contextlib.contextmanager
-def inside(ns: str):
-    """Run the block with this thread in netns ``ns`` (the driver acts on the current netns)."""
-    back = os.open("/proc/self/ns/net", os.O_RDONLY)
-    target = os.open(f"{NETNS_DIR}/{ns}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {ns}")
-        yield
-    finally:
-        if _libc.setns(back, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns back")
-        os.close(back)
-        os.close(target)
+inside = entered  # the driver acts on the current netns
 
 
 def cannot_run() -> str | None:

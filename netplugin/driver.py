@@ -38,6 +38,11 @@ class NetworkDriver:
     def _lock(self, network_id: str):
         return self.locks.hold("net-" + network_id[:32])
 
+    def network_lock(self, network_id: str):
+        """The lock every operation on the network holds (cross-process), for background work that
+        must not interleave with a Join or Leave."""
+        return self._lock(check_id(network_id, "NetworkID"))
+
     # networks
     def create_network(self, network_id: str, options: dict, ipv4: list, ipv6: list) -> None:
         check_id(network_id, "NetworkID")

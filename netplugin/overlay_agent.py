@@ -11,6 +11,7 @@ Leave while etcd was down). It also keeps this host's liveness record (hosts/<id
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -80,22 +81,31 @@ class OverlayAgent:
                      changed.get("added", 0), changed.get("removed", 0))
 
     def _settle_own(self, by_overlay: dict, networks: dict) -> None:
-        joined = {}
+        """Publish this host's joined endpoints the store misses; withdraw the ones it published that
+        are no longer joined here. Each decision is re-checked under the network's lock, so a Join or
+        Leave in progress (publish and state change happen under that lock) is never undone."""
+        published = {e["id"]: (name, e) for name, endpoints in by_overlay.items() for e in endpoints}
+        for endpoint_id, (name, record) in published.items():
+            if record.get("host") == self.host_id and self._withdraw_if_gone(name, record):
+                log.info("withdrew endpoint %s of overlay %s: no longer joined here", endpoint_id[:12], name)
         for nets in networks.values():
             for net in nets:
                 for ep in self.driver.state.endpoints(net.id):
-                    if ep.sandbox:
-                        joined[ep.id] = (net, ep)
-        for name, endpoints in by_overlay.items():
-            for published in endpoints:
-                if published.get("host") == self.host_id and published["id"] not in joined:
-                    log.info("withdrawing endpoint %s of overlay %s: no longer joined here", published["id"][:12], name)
-                    self.overlays.withdraw(name, published["id"])
-        published_ids = {e["id"] for endpoints in by_overlay.values() for e in endpoints}
-        for endpoint_id, (net, ep) in joined.items():
-            if endpoint_id not in published_ids:
-                log.info("publishing endpoint %s of overlay %s", endpoint_id[:12], net.options["overlay"])
-                self.mode.publish(net, ep)
+                    if ep.sandbox and ep.id not in published:
+                        with self.driver.network_lock(net.id):
+                            current = self.driver.state.get_endpoint(ep.id)
+                            if current is not None and current.sandbox:
+                                log.info("publishing endpoint %s of overlay %s", ep.id[:12], net.options["overlay"])
+                                self.mode.publish(net, current)
+
+    def _withdraw_if_gone(self, name: str, record: dict) -> bool:
+        network_id = record.get("network") or ""
+        with self.driver.network_lock(network_id) if network_id else contextlib.nullcontext():
+            ep = self.driver.state.get_endpoint(record["id"])
+            if ep is not None and ep.sandbox:
+                return False
+            self.overlays.withdraw(name, record["id"])
+            return True
 
     def keepalive(self) -> None:
         if self.lease and self.etcd.lease_keepalive(self.lease) > 0:

@@ -22,10 +22,21 @@ import requests
 from etcd3gw import exceptions as etcd_errors
 from etcd3gw.client import Etcd3Client
 
-from plugincore.errors import BackendError, InvalidRequest
+from plugincore.errors import BackendError, Conflict, InvalidRequest
 
 log = logging.getLogger("netplugin.etcd")
 API = "/v3/"  # etcd >= 3.4; fixed, so no discovery request at start
+
+
+def optimistic(attempt, what: str, tries: int = 20):
+    """Run ``attempt()`` -> (done, result) until done: each try re-reads and compares revisions in its
+    transaction, so it only fails when another host changed the same keys meanwhile. A bounded number
+    of tries, then a Conflict (never a livelock)."""
+    for _ in range(tries):
+        done, result = attempt()
+        if done:
+            return result
+    raise Conflict(f"{what}: too much concurrent change in the cluster store; try again")
 
 
 class ClusterUnavailable(BackendError):

@@ -8,7 +8,7 @@ forwarding tables. Two implementations behind one interface:
 - ``SharedOverlays`` on etcd (multi-host). Keys under the store prefix:
       overlays/<name>            {"vni", "subnet", "members": {"<host>:<network id>": true}}
       vnis/<vni>                 {"overlay": name}
-      endpoints/<name>/<ep id>   {"host", "vtep", "mac", "ip"}
+      endpoints/<name>/<ep id>   {"host", "vtep", "mac", "ip", "network": the host's network id}
       hosts/<host>               {"vtep", "underlay"} on a lease the host's agent keeps alive
 - ``LocalOverlays`` in the plugin's SQLite store (one host: VNIs unique on it, nobody to publish to).
 
@@ -20,11 +20,11 @@ from __future__ import annotations
 import re
 
 from plugincore.errors import Conflict, InvalidRequest
+from .etcd import optimistic
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VNI_MAX = (1 << 24) - 1
 SWARM = "swarm"  # the member a swarm manager's AllocateNetwork adds, until FreeNetwork
-RETRIES = 20
 
 
 def check_overlay_name(name: str) -> str:
@@ -50,7 +50,7 @@ class Overlays:
         """Leave whichever overlay ``host`` joined for ``network_id`` (FreeNetwork knows only the ID)."""
         raise NotImplementedError
 
-    def publish(self, name: str, endpoint_id: str, mac: str, ip: str, vtep: str) -> None:
+    def publish(self, name: str, endpoint_id: str, mac: str, ip: str, vtep: str, network_id: str) -> None:
         pass
 
     def withdraw(self, name: str, endpoint_id: str) -> None:
@@ -110,13 +110,6 @@ class SharedOverlays(Overlays):
     def __init__(self, etcd, host_id: str, vni_min: int, vni_max: int):
         self.etcd, self.host, self.vni_min, self.vni_max = etcd, host_id, vni_min, vni_max
 
-    def _retry(self, attempt, what: str):
-        for _ in range(RETRIES):
-            done, result = attempt()
-            if done:
-                return result
-        raise Conflict(f"{what}: too much concurrent change in the cluster store; try again")
-
     def attach(self, name, network_id, vni, subnet, host=None) -> int:
         key, member = f"overlays/{name}", f"{host or self.host}:{network_id}"
 
@@ -137,7 +130,7 @@ class SharedOverlays(Overlays):
                                  [self.etcd.op_put(key, record), self.etcd.op_put(f"vnis/{chosen}", {"overlay": name})])
             return done, chosen
 
-        return self._retry(attempt, f"attaching overlay {name}")
+        return optimistic(attempt, f"attaching overlay {name}")
 
     def detach(self, name, network_id, host=None) -> None:
         key, member = f"overlays/{name}", f"{host or self.host}:{network_id}"
@@ -154,7 +147,7 @@ class SharedOverlays(Overlays):
                        self.etcd.op_delete_prefix(f"endpoints/{name}/")]
             return self.etcd.txn([self.etcd.unchanged(kv)], ops), None
 
-        self._retry(attempt, f"detaching overlay {name}")
+        optimistic(attempt, f"detaching overlay {name}")
 
     def detach_network(self, network_id, host) -> None:
         overlays, _ = self.etcd.range("overlays/")
@@ -162,8 +155,9 @@ class SharedOverlays(Overlays):
             if f"{host}:{network_id}" in kv.value["members"]:
                 self.detach(kv.key.split("/", 1)[1], network_id, host)
 
-    def publish(self, name, endpoint_id, mac, ip, vtep) -> None:
-        self.etcd.put(f"endpoints/{name}/{endpoint_id}", {"host": self.host, "vtep": vtep, "mac": mac, "ip": ip})
+    def publish(self, name, endpoint_id, mac, ip, vtep, network_id) -> None:
+        self.etcd.put(f"endpoints/{name}/{endpoint_id}",
+                      {"host": self.host, "vtep": vtep, "mac": mac, "ip": ip, "network": network_id})
 
     def withdraw(self, name, endpoint_id) -> None:
         self.etcd.delete(f"endpoints/{name}/{endpoint_id}")

@@ -67,10 +67,11 @@ def describe(pool: str, sub_pool: str) -> str:
     return f"{pool} (ip-range {sub_pool})" if sub_pool else pool
 
 
-class Ipam:
-    def __init__(self, store, default_supernet: str = "10.200.0.0/16", default_prefix: int = 24,
+class IpamBase:
+    """What the local and the shared (etcd) IPAM have in common: defaults and capabilities."""
+
+    def __init__(self, default_supernet: str = "10.200.0.0/16", default_prefix: int = 24,
                  default_supernet_v6: str | None = None, default_prefix_v6: int = 64):
-        self.store = store
         # Validated now so that a bad configuration stops the service at start, not at a request.
         self.default_blocks = {
             False: default_block(default_supernet, default_prefix, 4),
@@ -82,6 +83,12 @@ class Ipam:
 
     def default_address_spaces(self) -> dict:
         return {"LocalDefaultAddressSpace": "local", "GlobalDefaultAddressSpace": "global"}
+
+
+class Ipam(IpamBase):
+    def __init__(self, store, *defaults, **named_defaults):
+        super().__init__(*defaults, **named_defaults)
+        self.store = store
 
     # ---- pools ---------------------------------------------------------------------------
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 
 from plugincore.errors import Conflict, InvalidRequest, NotFound
-from .cidr import (Network, allocation_range, check_assignable, default_block, from_key,
+from ..cluster.etcd import optimistic
+from . import IpamBase
+from .cidr import (Network, allocation_range, check_assignable, from_key,
                    lowest_free_block, options_field, parse_address, parse_network, parse_pool,
                    parse_space, text_field, to_key)
 
 log = logging.getLogger("netplugin.ipam.shared")
 GATEWAY_REQUEST = "com.docker.network.gateway"
-RETRIES = 20  # optimistic-transaction attempts before giving up with a Conflict
 
 
 def pool_key(pool_id: str) -> str:
@@ -35,28 +36,11 @@ def _total(refs: dict) -> int:
     return sum(refs.values())
 
 
-class SharedIpam:
-    def __init__(self, etcd, host_id: str, default_supernet: str = "10.200.0.0/16", default_prefix: int = 24,
-                 default_supernet_v6: str | None = None, default_prefix_v6: int = 64):
+class SharedIpam(IpamBase):
+    def __init__(self, etcd, host_id: str, *defaults, **named_defaults):
+        super().__init__(*defaults, **named_defaults)
         self.etcd = etcd
         self.host = host_id
-        self.default_blocks = {
-            False: default_block(default_supernet, default_prefix, 4),
-            True: default_block(default_supernet_v6, default_prefix_v6, 6),
-        }
-
-    def capabilities(self) -> dict:
-        return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
-
-    def default_address_spaces(self) -> dict:
-        return {"LocalDefaultAddressSpace": "local", "GlobalDefaultAddressSpace": "global"}
-
-    def _retry(self, attempt, what: str):
-        for _ in range(RETRIES):
-            done, result = attempt()
-            if done:
-                return result
-        raise Conflict(f"{what}: too much concurrent change in the cluster store; try again")
 
     # ---- pools ---------------------------------------------------------------------------
 
@@ -109,7 +93,7 @@ class SharedIpam:
                  self.etcd.op_put(key, record)])
             return done, (pool_id, net)
 
-        pool_id, net = self._retry(attempt, "RequestPool")
+        pool_id, net = optimistic(attempt, "RequestPool")
         return {"PoolID": pool_id, "Pool": str(net), "Data": {}}
 
     def _add_ref(self, kv) -> bool:
@@ -134,7 +118,7 @@ class SharedIpam:
                                      [self.etcd.op_put(key, {**kv.value, "refs": refs})]), None
             return self._drop_pool(kv), None
 
-        self._retry(attempt, "ReleasePool")
+        optimistic(attempt, "ReleasePool")
 
     def _drop_pool(self, kv) -> bool:
         space = kv.value["space"]
@@ -178,7 +162,7 @@ class SharedIpam:
                 return self._share(held), wanted  # one gateway for several networks on one pool
             raise Conflict(f"address {wanted} is already in use in pool {net}")
 
-        given = self._retry(attempt, "RequestAddress")
+        given = optimistic(attempt, "RequestAddress")
         _, net, _ = self._pool(pool_id)
         return {"Address": f"{given}/{net.prefixlen}", "Data": {}}
 
@@ -224,7 +208,7 @@ class SharedIpam:
             ops = [self.etcd.op_put(key, {**kv.value, "refs": refs})] if refs else [self.etcd.op_delete(key)]
             return self.etcd.txn([self.etcd.unchanged(kv)], ops), None
 
-        self._retry(attempt, "ReleaseAddress")
+        optimistic(attempt, "ReleaseAddress")
 
     # ---- status and recovery ---------------------------------------------------------------
 

@@ -52,12 +52,7 @@ class OverlayMode(BridgedMode):
 
     # networks
     def validate(self, ipr, network_id, generic, ipv4, ipv6, internal) -> Validated:
-        check_known_options(generic, self.network_options, "network")
-        vni = parse_vni(generic.get("vni"))
-        overlay = check_overlay_name(str(generic.get("overlay") or (f"vni{vni}" if vni else network_id)))
-        subnets = [d.get("Pool") for d in ipv4 if isinstance(d, dict) and d.get("Pool")]
-        if len(subnets) != 1:
-            raise InvalidRequest("overlay mode needs exactly one IPv4 subnet (--subnet)")
+        overlay, vni, subnet = self._identity(network_id, generic, ipv4)
         underlay, vtep = self._underlay(ipr, str(generic.get("parent") or ""))
         limit = underlay.mtu - vxlan.OVERHEAD
         mtu = parse_mtu(generic.get(MTU_OPTION)) or limit
@@ -66,10 +61,20 @@ class OverlayMode(BridgedMode):
                                  f"minus the VXLAN overhead of {vxlan.OVERHEAD}")
         return Validated(
             options={"overlay": overlay, "vni": vni, "parent": underlay.name, "vtep": vtep, "mtu": mtu,
-                     "subnet": subnets[0], "internal": True},
+                     "subnet": subnet, "internal": True},
             parent=None,  # the underlay carries many overlays: nothing is claimed exclusively
             kernel={"bridge": names.bridge_name(network_id), "uplink": names.vxlan_name(network_id),
                     "vni": None})
+
+    def _identity(self, network_id: str, generic: dict, ipv4: list) -> tuple[str, int | None, str]:
+        """(overlay name, requested VNI or None, IPv4 subnet) from the options, all checked."""
+        check_known_options(generic, self.network_options, "network")
+        vni = parse_vni(generic.get("vni"))
+        overlay = check_overlay_name(str(generic.get("overlay") or (f"vni{vni}" if vni else network_id)))
+        subnets = [d.get("Pool") for d in ipv4 if isinstance(d, dict) and d.get("Pool")]
+        if len(subnets) != 1:
+            raise InvalidRequest("overlay mode needs exactly one IPv4 subnet (--subnet)")
+        return overlay, vni, subnets[0]
 
     def _underlay(self, ipr, parent: str) -> tuple[links.LinkInfo, str]:
         """The underlay NIC and this host's VTEP address on it."""
@@ -134,13 +139,8 @@ class OverlayMode(BridgedMode):
     def allocate(self, network_id, generic, ipv4) -> dict:
         """The manager fixes the overlay's name and VNI once; every node's CreateNetwork then joins
         that overlay (its own options carry them)."""
-        check_known_options(generic, self.network_options, "network")
-        vni = parse_vni(generic.get("vni"))
-        overlay = check_overlay_name(str(generic.get("overlay") or (f"vni{vni}" if vni else network_id)))
-        subnets = [d.get("Pool") for d in ipv4 if isinstance(d, dict) and d.get("Pool")]
-        if len(subnets) != 1:
-            raise InvalidRequest("overlay mode needs exactly one IPv4 subnet (--subnet)")
-        vni = self.overlays.attach(overlay, network_id, vni, subnets[0], host=SWARM)
+        overlay, vni, subnet = self._identity(network_id, generic, ipv4)
+        vni = self.overlays.attach(overlay, network_id, vni, subnet, host=SWARM)
         return {"overlay": overlay, "vni": str(vni)}
 
     def free(self, network_id) -> None:
@@ -158,7 +158,7 @@ class OverlayMode(BridgedMode):
 
     def publish(self, net, ep) -> None:
         address = str(ipaddress.ip_interface(ep.address).ip) if ep.address else ""
-        self.overlays.publish(net.options["overlay"], ep.id, ep.mac, address, net.options["vtep"])
+        self.overlays.publish(net.options["overlay"], ep.id, ep.mac, address, net.options["vtep"], net.id)
 
     def remove_endpoint(self, ipr, net, ep) -> None:
         super().remove_endpoint(ipr, net, ep)

@@ -11,10 +11,8 @@ pyroute2 sockets and etcd connections are made there.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -28,27 +26,11 @@ from netplugin.overlay_agent import OverlayAgent
 from netplugin.reconcile import reconcile
 from netplugin.service import Services
 from tests.lab.etcd import EtcdServer, skip_reason
-from tests.lab.netns import Lab
+from tests.lab import REPO_ROOT as REPO
+from tests.lab.netns import Lab, entered
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 SUBNET, SUBNET2 = "10.88.0.0/24", "10.89.0.0/24"
 ETCD_IP = "192.168.90.254"
-
-
-@contextlib.contextmanager
-def entered(ns: str):
-    """Run the block with this thread in netns ``ns`` (threads started inside inherit it)."""
-    original = os.open("/proc/self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {ns}")
-        yield
-    finally:
-        _libc.setns(original, CLONE_NEWNET)
-        os.close(target)
-        os.close(original)
 
 
 class Host:
@@ -253,3 +235,52 @@ def test_restart_rebuilds_the_vxlan_device_and_its_forwarding(cluster):
         reconcile(restarted.driver)
     assert a.fdb(net_a)["unicast"] == {names.mac_for(ip_b): "192.168.90.2"}
     assert _ping(lab, ca, ip_b), "the container on host A reaches host B's again"
+
+
+def test_swarm_allocation_gives_every_node_the_same_overlay(cluster):
+    _, _, (a, b) = cluster
+    net = "d1" * 32
+    assert a.driver.capabilities() == {"Scope": "global", "ConnectivityScope": "global"}, \
+        "scope auto with etcd: global"
+    ipv4 = [{"AddressSpace": "global", "Pool": SUBNET, "Gateway": "10.88.0.1/24"}]
+    with entered(a.ns):  # the manager
+        allocated = a.driver.allocate_network(net, {"mode": "overlay", "parent": "eth0"}, ipv4, [])["Options"]
+    assert allocated == {"overlay": net, "vni": "4096"}
+    for host in (a, b):  # every node gets the allocated options with CreateNetwork
+        with entered(host.ns):
+            host.driver.create_network(net, {"com.docker.network.generic": {
+                "mode": "overlay", "parent": "eth0", **allocated}}, ipv4, [])
+            with IPRoute() as ipr:
+                assert vxlan.vxlan_info(ipr, names.vxlan_name(net))["vni"] == 4096
+    with entered(a.ns):
+        a.driver.free_network(net)
+        a.driver.free_network(net)  # unknown: done
+        assert a.services.etcd.get("overlays/" + net) is not None, "still used by the nodes"
+        a.driver.delete_network(net)
+    with entered(b.ns):
+        b.driver.delete_network(net)
+        assert b.services.etcd.get("overlays/" + net) is None and b.services.etcd.get("vnis/4096") is None
+
+
+def test_reclaim_frees_a_dead_hosts_share(cluster, tmp_path):
+    lab, server, (a, b) = cluster
+    net_a, net_b = "a7" * 32, "b7" * 32
+    pool = a.network(net_a, "t7", SUBNET)
+    b.network(net_b, "t7", SUBNET)
+    _, ip_b, _ = b.container(net_b, pool, "e8" * 32)
+    with entered(b.ns):
+        OverlayAgent(b.services).keepalive()  # host B's liveness record, then host B "dies"
+    config = tmp_path / "reclaim.toml"
+    config.write_text(f'[cluster]\nstore = "etcd"\netcd_endpoints = "{server.url}"\netcd_prefix = "/ovtest/"\n'
+                      f'host_id = "hosta"\n')
+    argv = ["ip", "netns", "exec", a.ns, sys.executable, "-m", "netplugin", "reclaim", "--host", "hostb",
+            "--config", str(config), "--state-dir", str(tmp_path / "cli-state")]
+    refused = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert refused.returncode == 2 and "host hostb looks alive" in refused.stderr, refused.stderr
+    done = subprocess.run([*argv, "--force"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "1 published endpoints" in done.stdout and "1 overlay memberships" in done.stdout, done.stdout
+    with entered(a.ns):
+        assert a.services.overlays.endpoints("t7") == []
+        assert ip_b not in a.ipam.allocated(pool), "host B's container address is free again"
+        assert a.services.etcd.get("overlays/t7").value["members"] == {f"hosta:{net_a}": True}

@@ -33,7 +33,7 @@ def test_hosts_join_one_overlay_by_name(etcd_url, prefix):
     with pytest.raises(Conflict, match="VNI 4097 is already used by overlay tenant2"):
         b.attach("tenant3", "netB3", 4097, "10.72.0.0/24")
     # the overlay, its VNI and its endpoints go with the last member
-    a.publish("tenant1", "ep1", "02:00:00:00:00:01", "10.70.0.2", "192.168.7.1")
+    a.publish("tenant1", "ep1", "02:00:00:00:00:01", "10.70.0.2", "192.168.7.1", "netA1")
     a.detach("tenant1", "netA1")
     a.detach("tenant1", "netA1")  # unknown: done
     assert [e["id"] for e in b.endpoints("tenant1")] == ["ep1"]
@@ -83,7 +83,7 @@ def test_endpoint_changes_reach_a_watcher_quickly(etcd_url, prefix):
     watcher.start()
     time.sleep(0.3)
     published = time.monotonic()
-    b.publish("t", "epb", "02:00:00:00:00:0b", "10.75.0.9", "192.168.7.2")
+    b.publish("t", "epb", "02:00:00:00:00:0b", "10.75.0.9", "192.168.7.2", "nb")
     b.withdraw("t", "epb")
     watcher.join(10)
     assert [name for name, _ in seen] == ["t", "t"]

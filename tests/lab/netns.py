@@ -6,6 +6,7 @@ the target namespaces (``IPRoute(netns=..., flags=0)``: never auto-create, never
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import os
@@ -18,6 +19,8 @@ from pyroute2 import netns as pr_netns
 from . import BUSYBOX, LAB_PREFIX, NETNS_DIR, register_cleanup, sh, wait_until
 
 IFNAMSIZ = 15
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 _lab_ids = itertools.count()
 _live_labs: list["Lab"] = []
 
@@ -54,6 +57,23 @@ def _check_ifname(name: str) -> str:
     if not 0 < len(name) <= IFNAMSIZ:
         raise ValueError(f"interface name {name!r} must be 1..{IFNAMSIZ} characters")
     return name
+
+
+@contextmanager
+def entered(ns: str):
+    """Run the block with this thread in netns ``ns`` (for code that acts on the current netns, like
+    the plugin's driver; sockets opened inside stay in ``ns``, threads started inside inherit it)."""
+    back = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns}")
+        yield
+    finally:
+        if _libc.setns(back, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns back")
+        os.close(back)
+        os.close(target)
 
 
 class Lab:

@@ -98,3 +98,29 @@ def test_bad_config_is_a_clear_error(tmp_path, content, env, message):
     toml.write_text(content)
     with pytest.raises(InvalidRequest, match=message):
         netconfig.load(str(toml), environ=env)
+
+
+@pytest.mark.parametrize("cluster, message", [
+    ({"store": "consul"}, "cluster.store 'consul' is not one of local, etcd"),
+    ({"scope": "swarm"}, "cluster.scope 'swarm' is not one of auto, local, global"),
+    ({"vni_min": 10, "vni_max": 5}, "vni_min/vni_max"),
+    ({"store": "etcd", "etcd_endpoints": ""}, "no etcd endpoints configured"),
+    ({"store": "etcd", "etcd_endpoints": "10.0.0.1:2379"}, "is not like http://HOST:PORT"),
+    ({"store": "etcd", "etcd_endpoints": "http://10.0.0.1:2379", "etcd_prefix": "np"}, "must start and end"),
+])
+def test_bad_cluster_config_stops_the_service(tmp_path, cluster, message):
+    from netplugin.service import Services
+    config = netconfig.load(overrides={"state_dir": str(tmp_path / "s")}, environ={})
+    config["cluster"].update(cluster)
+    with pytest.raises(InvalidRequest, match=message):
+        Services(config)
+
+
+def test_scope_follows_the_cluster_store(tmp_path):
+    from netplugin.service import Services
+    config = netconfig.load(overrides={"state_dir": str(tmp_path / "s")}, environ={})
+    assert Services(config).driver.capabilities()["Scope"] == "local"
+    config["cluster"].update(store="etcd", etcd_endpoints="http://192.0.2.1:2379")  # never contacted
+    assert Services(config).driver.capabilities()["Scope"] == "global"
+    config["cluster"]["scope"] = "local"
+    assert Services(config).driver.capabilities()["Scope"] == "local"

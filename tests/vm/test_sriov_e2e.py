@@ -27,9 +27,8 @@ import pytest
 from netplugin.kernel import sriov
 from tests.lab import REPO_ROOT
 from tests.lab import skip_reason as lab_skip_reason
-from tests.lab.dockerd import Dockerd
-from tests.lab.image import IMAGE, build_busybox_tar
-from tests.lab.plugin import Plugin
+from tests.lab.image import IMAGE
+from tests.lab.stack import DOCKER_TIMEOUT, docker_stack
 from tests.vm.conftest import WIRE_PEER_IP
 
 pytestmark = pytest.mark.vm
@@ -37,9 +36,6 @@ pytestmark = pytest.mark.vm
 SUBNET = "10.79.0.0/24"
 C1, C2, C3 = "10.79.0.10", "10.79.0.11", "10.79.0.12"
 C2_MAC = "02:aa:bb:cc:dd:02"
-DOCKERD_START_TIMEOUT = 180  # everything is slow under software emulation
-PLUGIN_START_TIMEOUT = 120
-DOCKER_TIMEOUT = 180
 
 
 def _phase(what: str, since: float) -> float:
@@ -56,27 +52,8 @@ def stack(vm, tmp_path_factory):
         pytest.skip(f"e2e lab unavailable: {reason}")
     if not (REPO_ROOT / "netplugin" / "__main__.py").exists():
         pytest.skip("netplugin/__main__.py does not exist")
-    started = time.monotonic()
-    tar = build_busybox_tar(tmp_path_factory.mktemp("image") / "busybox.tar")
-    daemon = Dockerd(None, log_path=tmp_path_factory.mktemp("dockerd") / "dockerd.log")
-    plugin = Plugin(None, tmp_path_factory.mktemp("plugin"))
-    try:
-        plugin.start(timeout=PLUGIN_START_TIMEOUT)
-        daemon.start(timeout=DOCKERD_START_TIMEOUT)
-        daemon.import_image(tar, IMAGE)
-        _phase("dockerd, plugin and image ready", started)
-        yield daemon, plugin
-        daemon.remove_all_containers(timeout=DOCKER_TIMEOUT)
-        daemon.remove_networks(driver=plugin.name, timeout=DOCKER_TIMEOUT)
-    except BaseException:
-        print(f"--- dockerd log ---\n{daemon.log_tail(30)}\n--- plugin log ---\n{plugin.log_tail(40)}",
-              file=sys.stderr)
-        raise
-    finally:
-        try:
-            plugin.destroy()
-        finally:
-            daemon.destroy()
+    with docker_stack(None, tmp_path_factory, "sriov-e2e") as stack_:
+        yield stack_
 
 
 def _docker(dockerd, *args, check=True):

@@ -28,20 +28,15 @@ import pytest
 
 from tests.lab import BUSYBOX, REPO_ROOT, sh
 from tests.lab import skip_reason as lab_skip_reason
-from tests.lab.dockerd import Dockerd
-from tests.lab.image import IMAGE, build_busybox_tar
+from tests.lab.image import IMAGE
 from tests.lab.netns import Lab
-from tests.lab.plugin import Plugin
+from tests.lab.stack import DOCKER_TIMEOUT, docker_stack
 
 pytestmark = pytest.mark.vm
 
 SUBNET, GW = "10.78.0.0/24", "10.78.0.1"
 PEER = {100: "10.78.0.50", 200: "10.78.0.60"}
 CONTAINER = {100: "10.78.0.10", 200: "10.78.0.20"}
-# Everything is slow under software emulation: dockerd starts in ~16 s, `docker run` takes 8-14 s.
-DOCKERD_START_TIMEOUT = 180
-PLUGIN_START_TIMEOUT = 120
-DOCKER_TIMEOUT = 180
 
 
 def _phase(what: str, since: float) -> float:
@@ -84,32 +79,8 @@ def stack(trunk, tmp_path_factory):
     _, hosta, _ = trunk
     if not (REPO_ROOT / "netplugin" / "__main__.py").exists():
         pytest.skip("netplugin/__main__.py does not exist")
-    started = time.monotonic()
-    tar = build_busybox_tar(tmp_path_factory.mktemp("image") / "busybox.tar")
-    daemon = Dockerd(hosta, log_path=tmp_path_factory.mktemp("dockerd") / "dockerd.log")
-    plugin = Plugin(hosta, tmp_path_factory.mktemp("plugin"))
-    try:
-        plugin.start(timeout=PLUGIN_START_TIMEOUT)
-        daemon.start(timeout=DOCKERD_START_TIMEOUT)
-        started = _phase("dockerd and plugin ready", started)
-        driver = daemon.docker("info", "--format", "{{.Driver}}").stdout.strip()
-        print(f"vlan-e2e: dockerd storage driver {driver}, data root {daemon.root}/data",
-              file=sys.stderr)
-        daemon.import_image(tar, IMAGE)
-        _phase("image imported", started)
-        yield daemon, plugin
-        # Let dockerd tear down what still uses the plugin while the plugin answers.
-        daemon.remove_all_containers(timeout=DOCKER_TIMEOUT)
-        daemon.remove_networks(driver=plugin.name, timeout=DOCKER_TIMEOUT)
-    except BaseException:
-        print(f"--- dockerd log ---\n{daemon.log_tail(30)}\n--- plugin log ---\n{plugin.log_tail(30)}",
-              file=sys.stderr)
-        raise
-    finally:
-        try:
-            plugin.destroy()
-        finally:
-            daemon.destroy()
+    with docker_stack(hosta, tmp_path_factory, "vlan-e2e") as stack_:
+        yield stack_
 
 
 def _parallel(fn, *args_list):
