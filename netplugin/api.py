@@ -100,6 +100,14 @@ def external_connectivity():
     return reply(EMPTY)
 
 
+@bp.post("/NetPlugin.Shape")
+def shape():
+    # Not a Docker endpoint: the admin interface (`netplugin shape`), on the same root-only socket.
+    body = request_body()
+    return reply(_driver().shape(text(body, "Endpoint", True), text(body, "Egress"), text(body, "Ingress"),
+                                 flag(body, "Clear")))
+
+
 @bp.post("/IpamDriver.GetCapabilities")
 def ipam_capabilities():
     return reply(_ipam().capabilities())

@@ -24,6 +24,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     status = sub.add_parser("status", parents=[common], help="networks, endpoints and pools from the plugin's state")
     status.add_argument("--json", action="store_true")
+    shape = sub.add_parser("shape", parents=[common],
+                           help="change a running container's rate limits now (the admin override)")
+    shape.add_argument("target", help="container name or ID (resolved through Docker), or endpoint ID prefix")
+    shape.add_argument("--egress", help="outbound limit, tc units (50mbit)")
+    shape.add_argument("--ingress", help="inbound limit, tc units")
+    shape.add_argument("--clear", action="store_true", help="drop the override: label/option/network rates apply")
+    shape.add_argument("--socket", help="the plugin's socket (default: the configured one)")
+    shape.add_argument("--docker-host", default=None,
+                       help="Docker API to resolve container names (default: $DOCKER_HOST or /run/docker.sock)")
     reclaim = sub.add_parser("reclaim", parents=[common],
                              help="give back what a dead host held in the cluster store (addresses, pool and "
                                   "overlay memberships, published endpoints)")
@@ -43,6 +52,8 @@ def main(argv=None) -> None:
                                               "log_level": getattr(args, "log_level", None)})
         if args.command == "serve":
             _serve(config)
+        elif args.command == "shape":
+            _shape(config, args)
         elif args.command == "reclaim":
             _reclaim(config, args.host, args.force)
         else:
@@ -65,14 +76,72 @@ def _serve(config: dict) -> None:
             log.exception("start-up reconciliation failed")
 
     def on_worker():
+        from plugincore.background import start_elected
         services = Services(config)
+        locks = os.path.join(config["state_dir"], "locks")
         if services.etcd is not None:  # overlays span hosts: keep the forwarding tables current
-            from .overlay_agent import start_in_background
-            start_in_background(services, os.path.join(config["state_dir"], "locks", "overlay-agent.lock"))
+            from .overlay_agent import OverlayAgent
+            start_elected("overlay agent", os.path.join(locks, "overlay-agent.lock"), OverlayAgent(services).run)
+        if config["labels"]:  # rates from container labels, read from Docker's events
+            from .label_watcher import LabelWatcher
+            start_elected("label watcher", os.path.join(locks, "label-watcher.lock"),
+                          LabelWatcher(services.driver, config["docker_host"]).run)
 
     serve(lambda: create_app(config), config["socket"], workers=config["workers"],
           threads=config["threads"], log_level=config["log_level"], on_ready=on_ready, on_worker=on_worker,
           name="netplugin")
+
+
+def _shape(config: dict, args) -> None:
+    """Post the change to the running plugin (it owns the kernel state and its locks). A target that is
+    no endpoint of this plugin is looked up as a container in Docker, here in the CLI: a plugin request
+    handler never calls back into Docker."""
+    from plugincore.client import post
+    from plugincore.errors import NotFound
+
+    body = {"Egress": args.egress or "", "Ingress": args.ingress or "", "Clear": args.clear}
+    socket_path = args.socket or config["socket"]
+    try:
+        results = [post(socket_path, "/NetPlugin.Shape", {"Endpoint": args.target, **body})]
+    except (NotFound, InvalidRequest) as exc:
+        endpoints = _container_endpoints(args.target, args.docker_host)
+        if endpoints is None:
+            raise exc from None
+        results = []
+        for endpoint_id in endpoints:
+            try:
+                results.append(post(socket_path, "/NetPlugin.Shape", {"Endpoint": endpoint_id, **body}))
+            except NotFound:
+                continue  # an endpoint of another driver
+        if not results:
+            raise NotFound(f"container {args.target} has no endpoint on this plugin's networks") from None
+    for r in results:
+        print(f"endpoint {r['Endpoint'][:12]}: egress {r['egress'] or 'unlimited'}, "
+              f"ingress {r['ingress'] or 'unlimited'}")
+
+
+def _container_endpoints(target: str, docker_host: str | None) -> list[str] | None:
+    """Endpoint IDs of a container's networks, or None if Docker does not know such a container."""
+    import docker
+
+    client = None
+    try:
+        client = docker.DockerClient(base_url=docker_host) if docker_host else docker.from_env()
+        attrs = client.api.inspect_container(target)
+    except docker.errors.NotFound:
+        return None
+    except docker.errors.DockerException as exc:
+        raise InvalidRequest(f"cannot ask Docker about container {target}: {exc}") from None
+    finally:
+        if client is not None:
+            client.close()
+    networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    return [n["EndpointID"] for n in networks.values() if n.get("EndpointID")]
+
+
+def _rates(services, ep) -> dict:
+    net = services.driver.state.get_network(ep.network_id)
+    return services.driver.shaper.report(net, ep) if net is not None else {"egress": "", "ingress": ""}
 
 
 def _reclaim(config: dict, host: str, force: bool) -> None:
@@ -100,7 +169,8 @@ def _status(config: dict, as_json: bool) -> None:
                       "options": n.options, "gateway": n.gateway, "kernel": n.kernel}
                      for n in state.networks()],
         "endpoints": [{"id": e.id, "network": e.network_id, "address": e.address, "mac": e.mac,
-                       "joined": bool(e.sandbox), "links": e.kernel} for e in state.endpoints()],
+                       "joined": bool(e.sandbox), "links": e.kernel, **_rates(services, e)}
+                      for e in state.endpoints()],
         "pools": services.ipam.pools(),
         "cluster": {"store": services.cluster["store"], "host_id": services.host_id,
                     "scope": services.driver.scope,
@@ -117,10 +187,10 @@ def _status(config: dict, as_json: bool) -> None:
     for n in report["networks"]:
         print(f"{n['id'][:12]:14}{n['mode']:8}{n['status']:10}{n['parent'] or '-':10}"
               f"{n['kernel'].get('bridge', '-'):17}{n['gateway'] or '-'}")
-    print(f"\n{'ENDPOINT':14}{'NETWORK':14}{'ADDRESS':20}{'MAC':19}JOINED")
+    print(f"\n{'ENDPOINT':14}{'NETWORK':14}{'ADDRESS':20}{'MAC':19}{'JOINED':8}{'EGRESS':22}INGRESS")
     for e in report["endpoints"]:
         print(f"{e['id'][:12]:14}{e['network'][:12]:14}{e['address'] or '-':20}{e['mac']:19}"
-              f"{'yes' if e['joined'] else 'no'}")
+              f"{'yes' if e['joined'] else 'no':8}{e['egress'] or '-':22}{e['ingress'] or '-'}")
     print(f"\n{'POOL':40}REFS  IN USE")
     for p in report["pools"]:
         print(f"{str(p.get('pool')):40}{p.get('refs', '')!s:6}{p.get('in_use', '')}")

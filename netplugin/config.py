@@ -7,6 +7,8 @@ DEFAULTS = {
     "workers": 2,
     "threads": 4,
     "log_level": "info",
+    "docker_host": "unix:///run/docker.sock",
+    "labels": True,
     "ipam": {
         "default_supernet": "10.200.0.0/16",
         "default_prefix": 24,

@@ -11,6 +11,7 @@ from pyroute2 import IPRoute
 from plugincore.errors import InvalidRequest, NotFound
 from .kernel import firewall, names
 from .modes.base import check_known_options
+from .shaping import parse_rates
 from .state import CREATING, DELETING, READY, Endpoint, Network
 
 log = logging.getLogger("netplugin.driver")
@@ -26,10 +27,11 @@ def check_id(value, what: str) -> str:
 
 
 class NetworkDriver:
-    def __init__(self, state, locks, modes, scope: str = "local"):
+    def __init__(self, state, locks, modes, shaper, scope: str = "local"):
         self.state = state
         self.locks = locks
         self.modes = modes  # a ModeRegistry: the mode code for each network
+        self.shaper = shaper  # per-endpoint rate limits (netplugin.shaping)
         self.scope = scope
 
     def capabilities(self) -> dict:
@@ -60,6 +62,7 @@ class NetworkDriver:
                 self._teardown(ipr, existing)
             verdict = mode.validate(ipr, network_id, generic, ipv4 or [], ipv6 or [],
                                     bool(options.get(INTERNAL)))
+            verdict.options.update(parse_rates(generic, "network option"))
             net = Network(id=network_id, mode=mode.name, options=verdict.options, ipv4=ipv4 or [],
                           ipv6=ipv6 or [], parent=verdict.parent, status=CREATING, kernel=verdict.kernel)
             self.state.claim_network(net)  # before any kernel change: the crash-recovery record
@@ -106,7 +109,9 @@ class NetworkDriver:
         row stays (status deleting) and start-up reconciliation retries, so nothing is orphaned."""
         mode = self.modes.get(net.mode)
         for ep in self.state.endpoints(net.id):
+            self.shaper.remove(ipr, ep)
             mode.remove_endpoint(ipr, net, ep)
+        self.shaper.network_removed(ipr, mode.shaping_device(net))
         mode.remove_network(ipr, net)
         self.state.drop_network(net.id)
         self.sync_firewall()
@@ -142,6 +147,7 @@ class NetworkDriver:
             address6 = interface.get("AddressIPv6") or ""
             mac = interface.get("MacAddress") or ""
             user_options = {k: v for k, v in options.items() if not k.startswith("com.docker.")}
+            parse_rates(user_options, "endpoint option")
             wanted = mode.endpoint_mac(net, user_options, mac)  # also checks the --driver-opt values
             reply = {}
             if not mac:  # fill only what Docker left empty, else Docker rolls the endpoint back
@@ -157,8 +163,10 @@ class NetworkDriver:
             if ep is None:
                 log.warning("DeleteEndpoint of unknown endpoint %s: nothing to do", endpoint_id[:12])
                 return
+            self.shaper.remove(ipr, ep)
             if net is not None:
                 self.modes.get(net.mode).remove_endpoint(ipr, net, ep)
+            self.shaper.forget(endpoint_id)
             self.state.drop_endpoint(endpoint_id)
 
     def join(self, network_id: str, endpoint_id: str, sandbox_key: str) -> dict:
@@ -172,8 +180,12 @@ class NetworkDriver:
             kernel, reply = mode.ensure_endpoint(ipr, net, ep)
             try:
                 self.state.set_endpoint_join(endpoint_id, sandbox_key or "joined", kernel)
+                ep.kernel = kernel
+                self.shaper.apply(ipr, net, ep, mode)
             except BaseException:
+                self.shaper.remove(ipr, ep)
                 mode.remove_endpoint(ipr, net, ep)
+                self.state.set_endpoint_join(endpoint_id, "", {})
                 raise
         return reply
 
@@ -184,11 +196,49 @@ class NetworkDriver:
             if ep is None or net is None:
                 log.warning("Leave of unknown endpoint %s: nothing to do", endpoint_id[:12])
                 return
+            self.shaper.remove(ipr, ep)
             self.modes.get(net.mode).remove_endpoint(ipr, net, ep)
             self.state.set_endpoint_join(endpoint_id, "", {})
+
+    def shape(self, endpoint: str, egress: str | None, ingress: str | None, clear: bool = False) -> dict:
+        """A live rate change (the admin source): set the given directions, or clear the admin
+        override; applied at once if the endpoint is joined. Returns the endpoint's rates."""
+        ep = self.state.find_endpoint(endpoint)
+        changes: dict[str, int | None] = {d: None for d in ("egress", "ingress")} if clear else {}
+        for direction, value in (("egress", egress), ("ingress", ingress)):
+            if value not in (None, ""):
+                changes[direction] = parse_rates({direction: value}, "rate")[direction]
+        if not changes:
+            raise InvalidRequest("give an egress and/or ingress rate (like 50mbit), or clear")
+        return self.set_rates(ep.id, "admin", changes)
+
+    def set_rates(self, endpoint_id: str, source: str, changes: dict[str, int | None]) -> dict:
+        """Store ``source``'s rates (None clears one) and apply the endpoint's effective rates if it
+        is joined; on a kernel failure the previous rates are restored and the error raised."""
+        ep = self.state.get_endpoint(endpoint_id)
+        if ep is None:
+            raise NotFound(f"endpoint {endpoint_id[:12]} is not known to this plugin")
+        with self._lock(ep.network_id), IPRoute() as ipr:
+            net = self._network(ep.network_id)
+            ep = self.state.get_endpoint(endpoint_id)
+            if ep is None:
+                raise NotFound(f"endpoint {endpoint_id[:12]} is gone")
+            mode = self.modes.get(net.mode)
+            before = self.shaper.stored(ep.id).get(source, {})
+            self.shaper.set_rates(ep.id, source, changes)
+            try:
+                if ep.sandbox:
+                    self.shaper.apply(ipr, net, ep, mode)
+            except BaseException:
+                self.shaper.set_rates(ep.id, source, {d: before.get(d) for d in changes})
+                if ep.sandbox:
+                    self.shaper.apply(ipr, net, ep, mode)
+                raise
+            return {"Endpoint": ep.id, "Network": net.id, **self.shaper.report(net, ep)}
 
     def oper_info(self, network_id: str, endpoint_id: str) -> dict:
         ep, net = self.state.get_endpoint(endpoint_id), self.state.get_network(network_id)
         if ep is None or net is None:
             return {}
-        return self.modes.get(net.mode).oper_info(net, ep) | {"address": ep.address, "joined": bool(ep.sandbox)}
+        return (self.modes.get(net.mode).oper_info(net, ep) | self.shaper.report(net, ep)
+                | {"address": ep.address, "joined": bool(ep.sandbox)})

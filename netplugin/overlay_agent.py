@@ -1,7 +1,6 @@
 """The overlay agent: keeps this host's VXLAN forwarding tables equal to what the other hosts publish.
 
-One agent per host (gunicorn workers elect one with a non-blocking flock; when its worker dies the lock
-frees and another takes over). It reads every published endpoint once, programs each local overlay
+One agent per host (plugincore.background elects one gunicorn worker to run it). It reads every published endpoint once, programs each local overlay
 network's VXLAN device, then follows etcd's watch: a change to an overlay's endpoints re-reads that
 overlay and syncs its devices (one range read, one FDB dump, only the differences written), so a
 container started on host B is reachable from host A a few milliseconds after B's Join. A full pass
@@ -12,9 +11,7 @@ Leave while etcd was down). It also keeps this host's liveness record (hosts/<id
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import threading
 import time
 
@@ -139,26 +136,3 @@ class OverlayAgent:
                 log.exception("overlay agent pass failed")
                 revision = None
                 stop.wait(self.retry)
-
-
-def run_elected(services, lock_path: str, stop: threading.Event | None = None, poll: float = 2.0) -> None:
-    """Run the agent in whichever process takes ``lock_path`` first; the others wait their turn."""
-    stop = stop or threading.Event()
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        while not stop.is_set():
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                stop.wait(poll)
-                continue
-            log.info("overlay agent running in pid %d", os.getpid())
-            OverlayAgent(services).run(stop)
-    finally:
-        os.close(fd)
-
-
-def start_in_background(services, lock_path: str) -> threading.Thread:
-    thread = threading.Thread(target=run_elected, args=(services, lock_path), name="overlay-agent", daemon=True)
-    thread.start()
-    return thread

@@ -12,6 +12,7 @@ from .driver import NetworkDriver
 from .ipam import IPAM_SCHEMA, Ipam
 from .ipam.shared import SharedIpam
 from .modes import ModeContext, ModeRegistry
+from .shaping import SHAPING_SCHEMA, Shaper
 from .sriov_inventory import SRIOV_SCHEMA
 from .state import NETWORK_SCHEMA, NetworkState
 
@@ -37,7 +38,7 @@ class Services:
         check_cluster_config(cluster)
         self.host_id = cluster["host_id"] or socket.gethostname()
         self.store = Store(os.path.join(state_dir, "netplugin.db"),
-                           NETWORK_SCHEMA + IPAM_SCHEMA + SRIOV_SCHEMA + LocalOverlays.SCHEMA)
+                           NETWORK_SCHEMA + IPAM_SCHEMA + SRIOV_SCHEMA + LocalOverlays.SCHEMA + SHAPING_SCHEMA)
         ipam_cfg = config["ipam"]
         defaults = (ipam_cfg["default_supernet"], ipam_cfg["default_prefix"],
                     ipam_cfg["default_supernet_v6"] or None, ipam_cfg["default_prefix_v6"])
@@ -54,7 +55,8 @@ class Services:
             scope = "global" if self.etcd is not None else "local"
         locks = LockDir(os.path.join(state_dir, "locks"))
         ctx = ModeContext(store=self.store, locks=locks, overlays=self.overlays, cluster=cluster)
-        self.driver = NetworkDriver(NetworkState(self.store), locks, ModeRegistry(ctx), scope=scope)
+        self.driver = NetworkDriver(NetworkState(self.store), locks, ModeRegistry(ctx), Shaper(self.store),
+                                    scope=scope)
 
 
 def create_app(config: dict, services: Services | None = None):

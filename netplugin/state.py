@@ -9,7 +9,7 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 
-from plugincore.errors import Conflict
+from plugincore.errors import Conflict, InvalidRequest, NotFound
 
 NETWORK_SCHEMA = [
     """CREATE TABLE IF NOT EXISTS networks (
@@ -148,6 +148,18 @@ class NetworkState:
     def get_endpoint(self, endpoint_id: str) -> Endpoint | None:
         row = self.store.read().execute("SELECT * FROM endpoints WHERE id = ?", (endpoint_id,)).fetchone()
         return _row_to(Endpoint, row, _JSON_EP) if row else None
+
+    def find_endpoint(self, text: str) -> Endpoint:
+        """An endpoint by ID or unique ID prefix (at least 6 characters), as people type them."""
+        if not isinstance(text, str) or not 6 <= len(text) <= 128 or not text.isalnum():
+            raise InvalidRequest(f"endpoint {text!r} is not an endpoint ID or a prefix of at least 6 characters")
+        rows = self.store.read().execute("SELECT * FROM endpoints WHERE id LIKE ? || '%' LIMIT 2",
+                                         (text.lower(),)).fetchall()
+        if not rows:
+            raise NotFound(f"no endpoint {text} on this host")
+        if len(rows) > 1:
+            raise InvalidRequest(f"endpoint prefix {text} is ambiguous: give more characters")
+        return _row_to(Endpoint, rows[0], _JSON_EP)
 
     def endpoints(self, network_id: str | None = None) -> list[Endpoint]:
         db = self.store.read()

@@ -80,6 +80,16 @@ class Mode:
     def oper_info(self, net, ep) -> dict:
         return {}
 
+    def shaping_device(self, net) -> str | None:
+        """The device whose egress carries the network's containers' outbound traffic (where their HTB
+        classes go), or None when the mode limits rates itself (apply_egress)."""
+        return None
+
+    def apply_egress(self, ipr, net, ep, rate: int) -> None:
+        """Modes without a shaping device: enforce an outbound limit of ``rate`` bits/s (0: none)."""
+        if rate:
+            raise InvalidRequest(f"rate limits are not supported in {self.name} mode")
+
     def allocate(self, network_id: str, generic: dict, ipv4: list) -> dict:
         """On a swarm manager (AllocateNetwork): cluster-wide resources for a new network; the options
         returned reach CreateNetwork on every node. Modes without any return {}."""

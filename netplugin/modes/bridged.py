@@ -5,12 +5,14 @@ the bridge, its pinned MAC, the endpoints, Join's reply and start-up repair are 
 """
 from plugincore.errors import BackendError, Conflict, InvalidRequest
 from ..kernel import links, names
+from ..shaping import RATE_OPTIONS
 from .base import MTU_OPTION, Mode, parse_mtu
 
 IFF_LOOPBACK = 0x8
 
 
 class BridgedMode(Mode):
+    endpoint_options = dict(RATE_OPTIONS)
     # Subclasses: validate() and how the uplink appears and goes (_ensure_uplink / _remove_uplink).
     def _ensure_uplink(self, ipr, net) -> links.LinkInfo:
         raise NotImplementedError
@@ -109,6 +111,9 @@ class BridgedMode(Mode):
 
     def bridges(self, net) -> list[str]:
         return [net.kernel["bridge"]]
+
+    def shaping_device(self, net) -> str | None:
+        return net.kernel["uplink"]  # where the bridge sends the containers' traffic out
 
     def oper_info(self, net, ep) -> dict:
         return {"mode": self.name, "parent": net.options.get("parent"), "uplink": net.kernel["uplink"],

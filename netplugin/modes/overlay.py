@@ -18,6 +18,7 @@ from ..cluster.etcd import ClusterUnavailable
 from ..cluster.overlays import SWARM, VNI_MAX, check_overlay_name
 from ..kernel import links, names, vxlan
 from .base import MTU_OPTION, Validated, check_known_options, parse_mtu
+from ..shaping import RATE_OPTIONS
 from .bridged import BridgedMode
 
 log = logging.getLogger("netplugin.overlay")
@@ -42,6 +43,7 @@ class OverlayMode(BridgedMode):
         "parent": "the underlay NIC VXLAN runs over (default: cluster.underlay, or the NIC holding "
                   "cluster.vtep_address)",
         MTU_OPTION: "MTU of the bridge and container interfaces (default: the underlay's minus 50)",
+        **RATE_OPTIONS,
     }
 
     @property

@@ -52,10 +52,12 @@ class SriovMode(Mode):
         "vfs": "how many VFs the network may use (default: the enabled ones, or all the PF supports); "
                "enabled if the PF has none",
         MTU_OPTION: "MTU of the VF interfaces (default: the PF's)",
+        "egress": "default max tx rate of each VF (tc units, whole Mbit/s: 100mbit, 1gbit)",
     }
     endpoint_options = {
         "mac": "the VF's MAC address (default: the endpoint's)",
         "rate": "max tx rate of the VF in Mbit/s (e.g. 100 or 100mbit; default: no limit)",
+        "egress": "max tx rate of the VF (tc units, whole Mbit/s; same as rate)",
     }
 
     def __init__(self, ctx=None):
@@ -251,6 +253,19 @@ class SriovMode(Mode):
             if net.mode == self.name and net.status == READY:
                 self._sweep(ipr, net)
         return {"freed_vfs": freed, "kept_vfs": kept}
+
+    def apply_egress(self, ipr, net, ep, rate: int) -> None:
+        """The VF's hardware max tx rate (whole Mbit/s; the PF refuses more than its link speed)."""
+        vf = self._inv().claimed_by(ep.id)
+        pf = links.get_link(ipr, net.kernel["pf"])
+        if vf is None or pf is None:
+            return
+        mbit = -(-rate // 1_000_000)  # round up: a limit never becomes "none"
+        limit = sriov.link_speed(pf.name)
+        if limit and mbit > limit:
+            raise InvalidRequest(f"rate {mbit} Mbit/s exceeds the link speed of {limit} Mbit/s")
+        sriov.configure_vf(ipr, pf, vf.vf, mac=ep.kernel.get("mac") or ep.mac, vlan=net.options.get("vlan", 0),
+                           max_tx_rate=mbit)
 
     def oper_info(self, net, ep) -> dict:
         return {"mode": self.name, "pf": net.kernel["pf"], "vf": ep.kernel.get("vf"),

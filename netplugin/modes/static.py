@@ -7,6 +7,7 @@ is a veth pair with the host end on that bridge. The gateway is the physical rou
 from plugincore.errors import BackendError
 from ..kernel import links, names
 from .base import MTU_OPTION, Validated, check_known_options
+from ..shaping import RATE_OPTIONS
 from .bridged import BridgedMode
 
 
@@ -16,6 +17,7 @@ class StaticMode(BridgedMode):
         "mode": "network mode: static (default)",
         "parent": "the host NIC on the physical network (required); it must carry no IP address",
         MTU_OPTION: "MTU of the bridge and container interfaces (default: the parent's)",
+        **RATE_OPTIONS,
     }
 
     def validate(self, ipr, network_id, generic, ipv4, ipv6, internal) -> Validated:

@@ -12,6 +12,7 @@ from pyroute2 import NetlinkError
 from plugincore.errors import BackendError, Conflict, InvalidRequest
 from ..kernel import links, names
 from .base import MTU_OPTION, Validated, check_known_options
+from ..shaping import RATE_OPTIONS
 from .bridged import BridgedMode
 
 VLAN_MIN, VLAN_MAX = 1, 4094
@@ -37,6 +38,7 @@ class VlanMode(BridgedMode):
         "parent": "the host NIC carrying the VLAN trunk (required)",
         "vlan": "802.1Q VLAN id, 1-4094 (required)",
         MTU_OPTION: "MTU of the bridge and container interfaces (default: the parent's)",
+        **RATE_OPTIONS,
     }
 
     def validate(self, ipr, network_id, generic, ipv4, ipv6, internal) -> Validated:

@@ -11,6 +11,7 @@ pyroute2 sockets and etcd connections are made there.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from pyroute2 import IPRoute
 
 from netplugin import config as netconfig
 from netplugin.cluster.etcd import ClusterUnavailable
-from netplugin.kernel import names, vxlan
+from netplugin.kernel import names, shaping as tc, vxlan
 from netplugin.overlay_agent import OverlayAgent
 from netplugin.reconcile import reconcile
 from netplugin.service import Services
@@ -284,3 +285,28 @@ def test_reclaim_frees_a_dead_hosts_share(cluster, tmp_path):
         assert a.services.overlays.endpoints("t7") == []
         assert ip_b not in a.ipam.allocated(pool), "host B's container address is free again"
         assert a.services.etcd.get("overlays/t7").value["members"] == {f"hosta:{net_a}": True}
+
+
+def test_egress_limit_on_an_overlay_is_enforced_on_its_vxlan_device(cluster):
+    lab, _, (a, b) = cluster
+    net_a, net_b = "a8" * 32, "b8" * 32
+    pool = a.network(net_a, "t8", SUBNET, egress="30mbit")
+    b.network(net_b, "t8", SUBNET)
+    ca, _, _ = a.container(net_a, pool, "e9" * 32)
+    cb, ip_b, _ = b.container(net_b, pool, "ea" * 32)
+    a.sync()
+    b.sync()
+    server = subprocess.Popen(["ip", "netns", "exec", cb, "iperf3", "-s", "-1", "-p", "5420"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        out = subprocess.run(["ip", "netns", "exec", ca, "iperf3", "-c", ip_b, "-p", "5420", "-t", "3", "-O", "1",
+                              "-J"], capture_output=True, text=True, timeout=60)
+    finally:
+        server.wait(timeout=10)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+    print(f"overlay container limited at 30mbit: {got:.1f} Mbit/s")
+    assert abs(got - 30) <= 3, got
+    with entered(a.ns), IPRoute() as ipr:
+        assert list(tc.classes(ipr, names.vxlan_name(net_a)).values()) == [30_000_000]

@@ -65,3 +65,22 @@ def lab():
                 netns.remove(name)
             except OSError:
                 pass
+
+
+def plug_container(lab, driver, network_id: str, endpoint_id: str, address: str, options: dict | None = None):
+    """CreateEndpoint + Join, then what Docker does after Join: move the container end into a sandbox
+    netns, rename it, set its address and the default route. Returns (sandbox, CreateEndpoint reply,
+    Join reply)."""
+    reply = driver.create_endpoint(network_id, endpoint_id, {"Address": f"{address}/24"}, options or {})
+    join = driver.join(network_id, endpoint_id, "/var/run/docker/netns/test")
+    sandbox = lab.add_ns(endpoint_id[:2])
+    src = join["InterfaceName"]["SrcName"]
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname=src)[0], net_ns_fd=sandbox)
+    with IPRoute(netns=sandbox) as ipr:
+        idx = ipr.link_lookup(ifname=src)[0]
+        ipr.link("set", index=idx, ifname="eth0", state="up")
+        ipr.addr("add", index=idx, address=address, prefixlen=24)
+        if join.get("Gateway"):
+            ipr.route("add", dst="0.0.0.0/0", gateway=join["Gateway"])
+    return sandbox, reply, join

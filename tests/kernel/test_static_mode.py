@@ -10,6 +10,7 @@ from netplugin.kernel import firewall, links
 from netplugin.reconcile import reconcile
 from netplugin.service import Services
 from plugincore.errors import Conflict, InvalidRequest
+from tests.kernel.conftest import plug_container
 
 pytestmark = pytest.mark.kernel
 NET = "a1" * 32
@@ -42,19 +43,7 @@ def _in_ns(ns, *argv, check=True):
 
 
 def _plug_container(lab, driver, endpoint_id, address):
-    """Do what Docker does after Join: move the container end into a sandbox and configure it."""
-    reply = driver.create_endpoint(NET, endpoint_id, {"Address": f"{address}/24"}, {})
-    join = driver.join(NET, endpoint_id, "/var/run/docker/netns/test")
-    sandbox = lab.add_ns(endpoint_id[:2])
-    src = join["InterfaceName"]["SrcName"]
-    with IPRoute() as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname=src)[0], net_ns_fd=sandbox)
-    with IPRoute(netns=sandbox) as ipr:
-        idx = ipr.link_lookup(ifname=src)[0]
-        ipr.link("set", index=idx, ifname="eth0", state="up")
-        ipr.addr("add", index=idx, address=address, prefixlen=24)
-        ipr.route("add", dst="0.0.0.0/0", gateway=join["Gateway"])
-    return sandbox, reply, join
+    return plug_container(lab, driver, NET, endpoint_id, address)
 
 
 def test_container_reaches_router_without_nat(lab, driver):
