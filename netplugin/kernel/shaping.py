@@ -22,6 +22,7 @@ caller's to allocate. All functions are idempotent; ``ensure_*`` read first and 
 """
 import errno
 import ipaddress
+import os
 import re
 import time
 
@@ -125,9 +126,27 @@ def _mangle() -> tuple[bool, list[str], int]:
     return f"-N {CHAIN}" in lines, [x for x in lines if x.startswith(f"-A {CHAIN} ")], lines.count(JUMP)
 
 
+BRIDGE_NF = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+
+
+def _ensure_bridge_netfilter() -> None:
+    """Bridged frames reach the mangle rule only through br_netfilter: load it if absent (Docker's
+    own bridge driver does the same); refuse when it is switched off rather than shape nothing."""
+    if not os.path.exists(BRIDGE_NF):
+        try:
+            run(["modprobe", "br_netfilter"], timeout=30)
+        except CommandError as exc:
+            raise BackendError(f"rate limits need br_netfilter (bridged packets must pass iptables): {exc}") from None
+    with open(BRIDGE_NF) as f:
+        if f.read().strip() != "1":
+            raise BackendError("rate limits need net.bridge.bridge-nf-call-iptables = 1 (bridged packets "
+                               "must pass iptables to be classified); it is 0 in the plugin's namespace")
+
+
 def ensure_classifier() -> bool:
     """The set, our mangle chain holding just the one rule, one jump to it first in POSTROUTING.
     Reads first; True if something had to be written (the chain in one iptables-restore batch)."""
+    _ensure_bridge_netfilter()
     wrote = _ipset("-n", "list", SET_NAME) is None
     if wrote:
         _set_batch([])

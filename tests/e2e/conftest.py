@@ -142,7 +142,7 @@ def plugin(dockerd, tmp_path):
     """netplugin in dockerd's netns with a fresh state dir and a unique driver name."""
     if not (REPO_ROOT / "netplugin" / "__main__.py").exists():
         pytest.skip("netplugin/__main__.py does not exist yet")
-    p = Plugin(dockerd.netns, tmp_path / "plugin")
+    p = Plugin(dockerd.netns, tmp_path / "plugin", docker_host=dockerd.host)
     try:
         p.start()
         yield p

@@ -24,7 +24,8 @@ def shaping_plugin(dockerd, tmp_path):
     """netplugin in hosta that watches this test dockerd's events for labels."""
     config = tmp_path / "netplugin.toml"
     config.write_text(f'docker_host = "{dockerd.host}"\nlabels = true\n')
-    p = Plugin(dockerd.netns, tmp_path / "plugin", extra_args=("--config", str(config)))
+    p = Plugin(dockerd.netns, tmp_path / "plugin", extra_args=("--config", str(config)),
+               docker_host=dockerd.host)
     p.config = config
     try:
         p.start()

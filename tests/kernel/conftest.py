@@ -73,7 +73,7 @@ def plug_container(lab, driver, network_id: str, endpoint_id: str, address: str,
     Join reply)."""
     reply = driver.create_endpoint(network_id, endpoint_id, {"Address": f"{address}/24"}, options or {})
     join = driver.join(network_id, endpoint_id, "/var/run/docker/netns/test")
-    sandbox = lab.add_ns(endpoint_id[:2])
+    sandbox = lab.add_ns(endpoint_id[:4])
     src = join["InterfaceName"]["SrcName"]
     with IPRoute() as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname=src)[0], net_ns_fd=sandbox)

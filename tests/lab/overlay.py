@@ -31,8 +31,9 @@ class OverlayHost:
         config = workdir / "netplugin.toml"
         config.write_text(f'[cluster]\nstore = "etcd"\netcd_endpoints = "{etcd_url}"\nhost_id = "host{n}"\n'
                           f'scope = "local"\netcd_timeout = 2.0\netcd_prefix = "{ETCD_PREFIX}"\n')
-        self.plugin = Plugin(ns, workdir / "plugin", extra_args=("--config", str(config)))
         self.dockerd = Dockerd(ns, log_path=workdir / "dockerd.log")
+        self.plugin = Plugin(ns, workdir / "plugin", extra_args=("--config", str(config)),
+                             docker_host=self.dockerd.host)
 
     def start(self, image_tar: Path) -> "OverlayHost":
         self.plugin.start()

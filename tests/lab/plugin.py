@@ -34,7 +34,8 @@ class Plugin:
     """One plugin instance. ``call(endpoint, body)`` talks to it like dockerd does."""
 
     def __init__(self, netns: str | None, workdir: Path, *, name: str | None = None,
-                 command: list[str] | None = None, extra_args: tuple[str, ...] = ()):
+                 command: list[str] | None = None, extra_args: tuple[str, ...] = (),
+                 docker_host: str | None = None):
         self.netns = netns
         self.name = name or f"nptest{secrets.token_hex(3)}"
         self.socket = Path(PLUGIN_DIR) / f"{self.name}.sock"
@@ -43,6 +44,9 @@ class Plugin:
         self.log = self.workdir / "plugin.log"
         self.command = command or [sys.executable, "-m", "netplugin"]
         self.extra_args = list(extra_args)
+        # netplugin's label watcher follows a dockerd's events: only ever the lab's own (docker_host);
+        # without one it is switched off, so a test plugin never talks to a dockerd the lab did not start.
+        self.docker_host = docker_host
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +78,10 @@ class Plugin:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                           env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
+        if self.docker_host:
+            env["NETPLUGIN_DOCKER_HOST"] = self.docker_host
+        else:
+            env["NETPLUGIN_LABELS"] = "0"
         with open(self.log, "ab") as logf:
             logf.write(f"\n=== lab: start #{self.starts} of {self.name} at "
                        f"{time.strftime('%T')}: {' '.join(self.argv())} ===\n".encode())

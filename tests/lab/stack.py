@@ -24,7 +24,7 @@ def docker_stack(netns: str | None, tmp_path_factory, label: str):
     started = time.monotonic()
     tar = build_busybox_tar(tmp_path_factory.mktemp("image") / "busybox.tar")
     daemon = Dockerd(netns, log_path=tmp_path_factory.mktemp("dockerd") / "dockerd.log")
-    plugin = Plugin(netns, tmp_path_factory.mktemp("plugin"))
+    plugin = Plugin(netns, tmp_path_factory.mktemp("plugin"), docker_host=daemon.host)
     try:
         plugin.start(timeout=PLUGIN_START_TIMEOUT)
         daemon.start(timeout=DOCKERD_START_TIMEOUT)

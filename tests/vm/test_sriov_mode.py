@@ -199,6 +199,13 @@ def test_endpoints_get_configured_vfs_and_reach_the_peer(wire, tmp_path):
                            text=True).stdout
     assert mac1 in neigh and mac2 in neigh, "the peer sees the VFs' own MACs"
     assert driver.oper_info(NET, _ep(1))["vf"] == 0
+    # a live change through the admin interface sets the VF's hardware rate; clearing it restores the option's
+    assert driver.shape(_ep(1), "150mbit", None)["egress"] == "150mbit (admin)"
+    assert "max_tx_rate 150Mbps" in _vf_lines(pf)[0]
+    with pytest.raises(InvalidRequest, match="ingress limits are not supported in sriov mode"):
+        driver.shape(_ep(1), None, "10mbit")
+    driver.shape(_ep(1), None, None, clear=True)
+    assert "max_tx_rate 100Mbps" in _vf_lines(pf)[0] and driver.oper_info(NET, _ep(1))["egress"] == "100mbit (option)"
 
     # Leave resets the VF at once (it is still in the sandbox); the sandbox dies and the kernel
     # returns the VF to the initial namespace as "eth0" (or devN), not under its old name.
@@ -239,7 +246,7 @@ def test_vlan_exhaustion_and_bad_options(wire, tmp_path):
     with pytest.raises(InvalidRequest, match="not a rate"):
         driver.create_endpoint(NET, _ep(9), {"Address": "10.79.0.19/24"}, {"rate": "fast"})
     with pytest.raises(InvalidRequest, match="unknown endpoint option"):
-        driver.create_endpoint(NET, _ep(9), {"Address": "10.79.0.19/24"}, {"egress": "1"})
+        driver.create_endpoint(NET, _ep(9), {"Address": "10.79.0.19/24"}, {"ingress": "1mbit"})  # no ingress limits for VFs
     # the peer's side of VLAN 10
     with IPRoute(netns=peer_ns) as ipr:
         base = [l for l in ipr.get_links() if l.get("ifname") != "lo"][0]

@@ -1,17 +1,18 @@
 """VLAN mode against a full kernel (8021q exists only in the VM lane): two hosts joined by a trunk
 cable, tenants on VLAN 100 and 200 in the SAME subnet, so only 802.1Q keeps them apart."""
-import contextlib
-import os
+import json
 import subprocess
+import time
 
 import pytest
 from pyroute2 import IPRoute
 
 from netplugin import config as netconfig
-from netplugin.kernel import links
+from netplugin.kernel import links, shaping as tc
 from netplugin.service import Services
 from plugincore.errors import Conflict, InvalidRequest
-from tests.kernel.conftest import _setns, lab  # noqa: F401 - the kernel tests' namespace fixture
+from tests.kernel.conftest import lab, plug_container  # noqa: F401 - the kernel tests' namespace fixture
+from tests.lab.netns import entered
 
 SUBNET = [{"AddressSpace": "local", "Pool": "10.78.0.0/24", "Gateway": "10.78.0.1/24"}]
 
@@ -19,20 +20,6 @@ SUBNET = [{"AddressSpace": "local", "Pool": "10.78.0.0/24", "Gateway": "10.78.0.
 def _needs_8021q():
     if subprocess.run(["modprobe", "8021q"], capture_output=True).returncode != 0:
         pytest.skip("needs the 8021q module: runs in the VM lane (scripts/test-vm)")
-
-
-@contextlib.contextmanager
-def inside(ns: str):
-    """Run the block in netns ``ns`` (the driver acts on the thread's current netns)."""
-    back = os.open("/proc/self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        _setns(target)
-        yield
-    finally:
-        _setns(back)
-        os.close(back)
-        os.close(target)
 
 
 @pytest.fixture
@@ -54,17 +41,8 @@ def _opts(vlan, parent="eth1"):
     return {"com.docker.network.generic": {"mode": "vlan", "parent": parent, "vlan": str(vlan)}}
 
 
-def _container(lab, driver, net, ep, address):  # noqa: F811
-    driver.create_endpoint(net, ep, {"Address": f"{address}/24"}, {})
-    src = driver.join(net, ep, "/x")["InterfaceName"]["SrcName"]
-    sandbox = lab.add_ns(ep[:3])
-    with IPRoute() as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname=src)[0], net_ns_fd=sandbox)
-    with IPRoute(netns=sandbox) as ipr:
-        idx = ipr.link_lookup(ifname=src)[0]
-        ipr.link("set", index=idx, ifname="eth0", state="up")
-        ipr.addr("add", index=idx, address=address, prefixlen=24)
-    return sandbox
+def _container(lab, driver, net, ep, address, options=None):
+    return plug_container(lab, driver, net, ep, address, options)[0]
 
 
 def _ping(ns, address) -> bool:
@@ -80,7 +58,7 @@ def test_vlans_connect_across_hosts_and_isolate_tenants(lab, trunk):  # noqa: F8
     a.create_network(net200, _opts(200), SUBNET, [])
     a1 = _container(lab, a, net100, "e11" * 21 + "e", "10.78.0.11")
     a2 = _container(lab, a, net200, "e12" * 21 + "e", "10.78.0.12")
-    with inside(lab.router):
+    with entered(lab.router):
         b.create_network(net100, _opts(100), SUBNET, [])
         b.create_network(net200, _opts(200), SUBNET, [])
         b1 = _container(lab, b, net100, "e21" * 21 + "e", "10.78.0.21")
@@ -93,9 +71,38 @@ def test_vlans_connect_across_hosts_and_isolate_tenants(lab, trunk):  # noqa: F8
     a.delete_network(net200)
     assert _link("eth1.100") is None and _link("eth1.200") is None, "created sub-interfaces removed"
     assert _link("eth1").up
-    with inside(lab.router):
+    with entered(lab.router):
         b.delete_network(net100)
         b.delete_network(net200)
+
+
+def test_egress_limit_on_a_vlan_network(lab, trunk):  # noqa: F811
+    """The HTB class sits on the VLAN sub-interface (the bridge's uplink), not on the trunk NIC."""
+    a, b = trunk
+    net = "a300" * 16
+    a.create_network(net, {"com.docker.network.generic": {"mode": "vlan", "parent": "eth1", "vlan": "300",
+                                                          "egress": "20mbit"}}, SUBNET, [])
+    a1 = _container(lab, a, net, "e31" * 21 + "e", "10.78.0.31")
+    with entered(lab.router):
+        b.create_network(net, _opts(300), SUBNET, [])
+        b1 = _container(lab, b, net, "e32" * 21 + "e", "10.78.0.32")
+    with IPRoute() as ipr:
+        assert list(tc.classes(ipr, "eth1.300").values()) == [20_000_000]
+    server = subprocess.Popen(["ip", "netns", "exec", b1, "iperf3", "-s", "-1", "-p", "5430"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        out = subprocess.run(["ip", "netns", "exec", a1, "iperf3", "-c", "10.78.0.32", "-p", "5430", "-t", "3",
+                              "-O", "1", "-J"], capture_output=True, text=True, timeout=120)
+    finally:
+        server.wait(timeout=30)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+    print(f"vlan container limited at 20mbit: {got:.1f} Mbit/s")
+    assert abs(got - 20) <= 2, got
+    a.delete_network(net)
+    with entered(lab.router):
+        b.delete_network(net)
 
 
 def _link(name):
