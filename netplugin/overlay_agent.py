@@ -55,6 +55,7 @@ class OverlayAgent:
                 for net in nets:
                     self._sync_network(ipr, net, by_overlay.get(name, []))
         self._settle_own(by_overlay, networks)
+        self._settle_memberships()
         return revision
 
     def sync_overlay(self, name: str) -> None:
@@ -94,6 +95,17 @@ class OverlayAgent:
                             if current is not None and current.sandbox:
                                 log.info("publishing endpoint %s of overlay %s", ep.id[:12], net.options["overlay"])
                                 self.mode.publish(net, current)
+
+    def _settle_memberships(self) -> None:
+        """Leave overlays for networks this host no longer has: a create whose attach timed out may
+        have been carried out by etcd after all (the request had been sent). A network being created
+        already has its row (written before the attach), so it is never mistaken for one."""
+        for name, network_id in self.overlays.memberships(self.host_id):
+            if self.driver.state.get_network(network_id) is None:
+                with self.driver.network_lock(network_id):
+                    if self.driver.state.get_network(network_id) is None:
+                        log.info("leaving overlay %s: network %s is gone here", name, network_id[:12])
+                        self.overlays.detach(name, network_id)
 
     def _withdraw_if_gone(self, name: str, record: dict) -> bool:
         network_id = record.get("network") or ""

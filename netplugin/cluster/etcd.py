@@ -111,8 +111,8 @@ class Etcd:
                 raise BackendError(f"etcd refused {path}: {exc.detail_text or exc}") from None
             self._current = index
             return reply
-        raise ClusterUnavailable(f"cluster store unreachable (etcd {', '.join(errors)}); nothing was "
-                                 "changed, try again when etcd is back")
+        raise ClusterUnavailable(f"cluster store unreachable (etcd {', '.join(errors)}); try again when "
+                                 "etcd is back")
 
     def _key(self, key: str) -> str:
         return _b64(self.prefix + key)

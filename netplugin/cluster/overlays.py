@@ -149,6 +149,12 @@ class SharedOverlays(Overlays):
 
         optimistic(attempt, f"detaching overlay {name}")
 
+    def memberships(self, host: str) -> list[tuple[str, str]]:
+        """(overlay name, network id) of every overlay ``host`` is a member of."""
+        overlays, _ = self.etcd.range("overlays/")
+        return [(kv.key.split("/", 1)[1], member.split(":", 1)[1]) for kv in overlays
+                for member in kv.value["members"] if member.split(":", 1)[0] == host]
+
     def detach_network(self, network_id, host) -> None:
         overlays, _ = self.etcd.range("overlays/")
         for kv in overlays:
