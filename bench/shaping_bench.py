@@ -203,9 +203,13 @@ def start_server(ns: str, workdir: Path) -> subprocess.Popen:
         proc = subprocess.Popen([NSENTER, f"--net={NETNS_DIR}/{ns}", IPERF3, "-s", "-p", str(PORT)],
                                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    wait_until(lambda: proc.poll() is not None or listening(proc.pid), 30, "iperf3 -s to listen", 0.1)
-    if proc.poll() is not None:
-        raise RuntimeError(f"iperf3 -s exited: {(workdir / 'iperf3-server.log').read_text()[-300:]}")
+    try:
+        wait_until(lambda: proc.poll() is not None or listening(proc.pid), 30, "iperf3 -s to listen", 0.1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"iperf3 -s exited: {(workdir / 'iperf3-server.log').read_text()[-300:]}")
+    except BaseException:
+        stop_popen(proc, 10)  # it outlives its netns otherwise
+        raise
     return proc
 
 
@@ -234,8 +238,10 @@ def measure(args, bench: Bench, workdir: Path) -> dict:
     server = start_server(bench.router, workdir)
     try:
         free = bench.container(1, "10.77.0.11", {})
-        res["free"] = iperf(free, args.seconds)
-        log(f"unshaped container -> router: {res['free']:.0f} Mbit/s (the path without a limit)")
+        res["free"] = []  # no shaped endpoint yet: no HTB on eth1, no mangle rule
+        for r in range(args.runs):
+            res["free"].append(iperf(free, args.seconds))
+            log(f"run {r + 1}, nothing shaped yet: unshaped container -> router {res['free'][-1]:.0f} Mbit/s")
         # 1. accuracy; the 100mbit egress container stays as part 2's one shaped endpoint
         res["accuracy"] = []
         for n, (direction, rate) in enumerate(
@@ -290,16 +296,14 @@ def verdict(ok: bool) -> str:
 def report(args, res: dict, load0: tuple, total: float) -> None:
     g = res["goodput"]
     print("\n" + "=" * 100)
-    print(f"1. accuracy, iperf3 TCP {args.seconds} s after 1 s omitted, 1 run each (unshaped path: "
-          f"{res['free']:.0f} Mbit/s). TCP goodput is at most {g:.3f} of the wire rate HTB/TBF count "
-          f"(MTU payload / frame), so a perfect limiter shows raw ~{g:.3f}")
+    print(f"1. accuracy, iperf3 TCP {args.seconds} s after 1 s omitted, 1 run each. TCP goodput is at most "
+          f"{g:.3f} of the wire rate HTB/TBF count (MTU payload / frame): a perfect limiter shows raw ~{g:.3f}")
     print(f"   {'limit':<20}{'measured':>12}{'raw ratio':>11}{'ratio / goodput':>17}   target: raw within ±10%")
     for direction, rate, got in res["accuracy"]:
         raw = got / (tc.parse_rate(rate) / 1e6)
         print(f"   {direction + ' ' + rate:<20}{got:>8.1f} Mb/s{raw:>11.3f}{raw / g:>17.3f}   "
               f"{verdict(abs(raw - 1) <= TOLERANCE)}")
-    a = res["A"][:args.runs] + res["A"][args.runs:]
-    ma, mb = statistics.median(a), statistics.median(res["B"])
+    ma, mb = statistics.median(res["A"]), statistics.median(res["B"])  # A: both A phases
     n = args.endpoints
     print(f"2. unshaped container -> router, with 1 (A) vs {n} (B) shaped endpoints on the network, "
           f"{args.runs} runs per phase, A B A")
@@ -308,8 +312,11 @@ def report(args, res: dict, load0: tuple, total: float) -> None:
           " Mbit/s")
     print(f"   median A {ma:.0f}, median B {mb:.0f} Mbit/s; ratio B / A {mb / ma:.3f}   target >= 0.95: "
           f"{verdict(mb / ma >= 0.95)}")
-    print(f"   per phase A1/B/A2 medians: {statistics.median(res['A'][:args.runs]):.0f} / {mb:.0f} / "
-          f"{statistics.median(res['A'][args.runs:]):.0f}")
+    a1, a2 = statistics.median(res["A"][:args.runs]), statistics.median(res["A"][args.runs:])
+    print(f"   per phase A1/B/A2 medians: {a1:.0f} / {mb:.0f} / {a2:.0f}; A2 / A1 {a2 / a1:.3f} (the drift "
+          "between the two baselines: the noise floor of the ratio)")
+    print(f"   for reference, before anything was shaped (no HTB on eth1, no mangle rule): median "
+          f"{statistics.median(res['free']):.0f} Mbit/s, runs {' '.join(f'{v:.0f}' for v in res['free'])}")
     s = res["shape"]
     print(f"3. driver.shape(endpoint, 50mbit|80mbit) latency, {args.changes} changes per phase")
     for phase, label in (("A1", "1 shaped"), ("B", f"{n} shaped"), ("A2", "1 shaped")):
@@ -319,11 +326,11 @@ def report(args, res: dict, load0: tuple, total: float) -> None:
     print(f"   ratio {n} / 1: p50 {pct(s['B'], 50) / base50:.2f}, p99 {pct(s['B'], 99) / base99:.2f}")
     if res.get("join"):
         j, lv = res["join"], res["leave"]
-        print(f"setup cost: {len(j)} x CreateEndpoint+Join (egress option) took {res['join_total']:.0f} s in "
-              f"total (including parking each container end), each p50 {pct(j, 50) * 1000:.0f} ms, "
+        print(f"setup cost: {len(j)} x CreateEndpoint+Join (egress option) + parking the container end: "
+              f"{res['join_total']:.0f} s; CreateEndpoint+Join p50 {pct(j, 50) * 1000:.0f} ms, "
               f"p99 {pct(j, 99) * 1000:.0f} ms, first {j[0] * 1000:.0f} ms, last {j[-1] * 1000:.0f} ms; "
               f"{res['classes']} HTB classes, {res['set_entries']} ipset entries")
-        print(f"            {len(lv)} x Leave+DeleteEndpoint took {res['leave_total']:.0f} s, each p50 "
+        print(f"            {len(lv)} x Leave+DeleteEndpoint: {res['leave_total']:.0f} s; each p50 "
               f"{pct(lv, 50) * 1000:.0f} ms, p99 {pct(lv, 99) * 1000:.0f} ms, first {lv[0] * 1000:.0f} ms, "
               f"last {lv[-1] * 1000:.0f} ms")
     print(f"left behind in the host netns after DeleteNetwork: {', '.join(res['left']) or 'nothing'}")
