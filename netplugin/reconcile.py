@@ -54,7 +54,8 @@ def reconcile(driver) -> dict:
                 summary["orphan_links"] += 1
         joined = [ep for ep in state.endpoints() if ep.sandbox and ep.network_id in live]
         summary.update(driver.shaper.reconcile(
-            ipr, joined, lambda ep: (live[ep.network_id], driver.modes.get(live[ep.network_id].mode))))
+            ipr, joined, {ep.id for ep in state.endpoints()},
+            lambda ep: (live[ep.network_id], driver.modes.get(live[ep.network_id].mode))))
         for mode in driver.modes:  # the modes' own state (sriov: the VF inventory)
             try:
                 summary.update(mode.reconcile(ipr, state))

@@ -164,17 +164,21 @@ class Shaper:
         if last:  # nothing shaped on this host any more: no rule, chain or set left behind
             tc.remove_classifier()
 
-    def reconcile(self, ipr, joined: list, lookup) -> dict:
-        """At start-up: the set's members exactly the shaped joined endpoints; classes and ingress
-        limits re-applied; rows of endpoints that are gone dropped. ``lookup(ep) -> (net, mode)``."""
+    def reconcile(self, ipr, joined: list, existing: set[str], lookup) -> dict:
+        """At start-up: classes, set entries and ingress limits of the joined endpoints re-applied, the
+        set's members exactly those, classes and rows of endpoints that are gone removed; admin and
+        label rates kept for every endpoint that still exists. ``lookup(ep) -> (net, mode)``."""
         alive = {ep.id for ep in joined}
         with self.store.transaction() as db:
+            before = {(r["device"], r["minor"]) for r in db.execute("SELECT device, minor FROM shape_classes")}
             gone = [r["endpoint_id"] for r in db.execute("SELECT endpoint_id FROM shape_classes")
                     if r["endpoint_id"] not in alive]
             for endpoint_id in gone:
                 db.execute("DELETE FROM shape_classes WHERE endpoint_id = ?", (endpoint_id,))
-            db.execute(f"DELETE FROM shape_rates WHERE endpoint_id NOT IN ({','.join('?' * len(alive))})",
-                       list(alive))
+            stale = [r["endpoint_id"] for r in db.execute("SELECT DISTINCT endpoint_id FROM shape_rates")
+                     if r["endpoint_id"] not in existing]
+            for endpoint_id in stale:
+                db.execute("DELETE FROM shape_rates WHERE endpoint_id = ?", (endpoint_id,))
         shaped = 0
         for ep in joined:
             net, mode = lookup(ep)
@@ -183,8 +187,15 @@ class Shaper:
                     shaped += 1
             except Exception:  # noqa: BLE001 - one endpoint must not stop the others
                 log.exception("could not re-apply the rate limits of endpoint %s", ep.id[:12])
-        entries = {r["address"]: r["minor"] for r in self.store.read().execute(
-            "SELECT address, minor FROM shape_classes")}
+        rows = self.store.read().execute("SELECT address, minor, device FROM shape_classes").fetchall()
+        wanted = {(r["device"], r["minor"]) for r in rows}
+        for device in {d for d, _ in before | wanted}:
+            try:
+                for minor in set(tc.classes(ipr, device)) - {m for d, m in wanted if d == device}:
+                    tc.remove_class(ipr, device, minor)  # an endpoint that went while we were down
+            except Exception:  # noqa: BLE001 - e.g. the device is gone with its classes
+                log.debug("classes of %s not checked", device, exc_info=True)
+        entries = {r["address"]: r["minor"] for r in rows}
         if entries or tc.classifier_present():
             tc.ensure_classifier()
             tc.set_entries(entries)

@@ -134,6 +134,15 @@ def test_removal_leaves_nothing_and_reconcile_rebuilds(lab, driver):
     with IPRoute() as ipr:
         assert sorted(tc.classes(ipr, "eth1").values()) == [30_000_000, 35_000_000]
     assert sorted(tc.entries()) == ["10.77.0.17", "10.77.0.18"]
+    driver.shape("e8" * 32, "12mbit", None)
+    # e9 vanishes from state while the plugin is down (e.g. a restored backup): its class and set entry
+    # go at the next start; e8's live override stays
+    driver.state.drop_endpoint("e9" * 32)
+    reconcile(driver)
+    with IPRoute() as ipr:
+        assert list(tc.classes(ipr, "eth1").values()) == [12_000_000]
+    assert sorted(tc.entries()) == ["10.77.0.17"]
+    assert driver.oper_info(NET, "e8" * 32)["egress"] == "12mbit (admin)"
     for ep in ("e8" * 32, "e9" * 32):
         driver.leave(NET, ep)
         driver.delete_endpoint(NET, ep)
