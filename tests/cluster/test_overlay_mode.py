@@ -11,7 +11,6 @@ pyroute2 sockets and etcd connections are made there.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from netplugin.reconcile import reconcile
 from netplugin.service import Services
 from tests.lab.etcd import EtcdServer, skip_reason
 from tests.lab import REPO_ROOT as REPO
+from tests.lab.iperf import tcp_mbit
 from tests.lab.netns import Lab, entered
 
 SUBNET, SUBNET2 = "10.88.0.0/24", "10.89.0.0/24"
@@ -303,16 +303,7 @@ def test_egress_limit_on_an_overlay_is_enforced_on_its_vxlan_device(cluster):
     cb, ip_b, _ = b.container(net_b, pool, "ea" * 32)
     a.sync()
     b.sync()
-    server = subprocess.Popen(["ip", "netns", "exec", cb, "iperf3", "-s", "-1", "-p", "5420"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.3)
-        out = subprocess.run(["ip", "netns", "exec", ca, "iperf3", "-c", ip_b, "-p", "5420", "-t", "3", "-O", "1",
-                              "-J"], capture_output=True, text=True, timeout=60)
-    finally:
-        server.wait(timeout=10)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+    got = tcp_mbit(cb, ca, ip_b, 5420)
     print(f"overlay container limited at 30mbit: {got:.1f} Mbit/s")
     assert abs(got - 30) <= 3, got
     with entered(a.ns), IPRoute() as ipr:
