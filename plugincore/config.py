@@ -24,6 +24,8 @@ def _convert(value: str, default, name: str):
             raise InvalidRequest(f"{name}: expected an integer, got {value!r}") from None
     if isinstance(default, float):
         return float(value)
+    if isinstance(default, list):
+        return [item.strip() for item in value.split(",") if item.strip()]
     return value
 
 

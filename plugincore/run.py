@@ -27,17 +27,17 @@ class CommandNotFound(CommandError):
 
 
 def run(argv: list[str], *, timeout: float = DEFAULT_TIMEOUT, input: str | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``argv`` and return the completed process (text output).
+        check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``argv`` and return the completed process (text output); ``env`` adds variables.
 
     Raises CommandNotFound, CommandTimeout, or CommandError (non-zero exit when ``check``).
     """
     if not argv or not all(isinstance(a, str) for a in argv):
         raise TypeError("argv must be a non-empty list of str")
-    env = dict(os.environ, LC_ALL="C")  # parsable, untranslated messages
+    full_env = dict(os.environ, LC_ALL="C", **(env or {}))  # parsable, untranslated messages
     try:
         proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
-                              env=env, check=False)
+                              env=full_env, check=False)
     except FileNotFoundError as exc:
         raise CommandNotFound(argv, None, str(exc), "not installed") from exc
     except subprocess.TimeoutExpired as exc:

@@ -27,7 +27,8 @@ class Admin:
             _, backend, spec = self._volume(name)
             attached = self.driver.state.attachment(name)
             with contextlib.ExitStack() as stack:
-                if attached and filesystem.mount_source(attached["mountpoint"]):
+                if (attached and filesystem.mount_source(attached["mountpoint"])
+                        and not backend.snapshot_freezes_filesystem):
                     # Crash-consistent: no write is half on disk while the snapshot is taken.
                     filesystem.freeze(attached["mountpoint"])
                     stack.callback(filesystem.thaw, attached["mountpoint"])
@@ -64,8 +65,8 @@ class Admin:
             if attached and filesystem.mount_source(attached["mountpoint"]):
                 filesystem.grow(attached["device"], attached["mountpoint"], volume["options"]["fs"])
             options = dict(volume["options"], size=new_size)
-            self.driver.catalog.catalog_put(name, {"options": options, "backend_data": volume["backend_data"],
-                                                   "created_at": volume["created_at"]})
+            record = {"options": options, "backend_data": volume["backend_data"], "created_at": volume["created_at"]}
+            self.driver._catalog(options).catalog_put(name, record)
             self.driver.state.put_volume(name, options, volume["backend_data"], volume["status"],
                                          volume["created_at"])
         return new_size
@@ -74,6 +75,22 @@ class Admin:
         with self.driver._lock(name):
             _, backend, spec = self._volume(name)
             return backend.break_lock(spec)
+
+    def pools(self) -> list[dict]:
+        """Fill levels of the LVM thin pools in use (the configured one and those volumes name)."""
+        found = {}
+        for backend in self.driver.backends.values():
+            if not hasattr(backend, "pool_usage"):
+                continue
+            wanted = {(backend.vg, backend.pool)}
+            wanted |= {(v["backend_data"].get("vg"), v["backend_data"].get("thin_pool"))
+                       for v in self.driver.state.volumes() if v["options"]["backend"] == backend.name}
+            for vg, pool in sorted(w for w in wanted if all(w)):
+                try:
+                    found[(vg, pool)] = backend.pool_usage(vg, pool)
+                except Exception as exc:  # noqa: BLE001 - a missing pool is worth a line, not a crash
+                    found[(vg, pool)] = {"vg": vg, "thin_pool": pool, "error": str(exc)}
+        return list(found.values())
 
     def status(self) -> list[dict]:
         rows = []

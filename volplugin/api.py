@@ -20,8 +20,9 @@ def _opts(body: dict):
 
 @bp.post("/VolumeDriver.Capabilities")
 def capabilities():
-    # "global": a volume lives in the cluster, Docker on every host sees the same one.
-    return reply({"Capabilities": {"Scope": "global"}})
+    # "global" with a shared backend (RBD: a volume lives in the cluster, Docker on every host sees the
+    # same one); "local" when every configured backend is host-local (LVM).
+    return reply({"Capabilities": {"Scope": _driver().scope}})
 
 
 @bp.post("/VolumeDriver.Create")

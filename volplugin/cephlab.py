@@ -1,4 +1,4 @@
-"""An embedded single-node Ceph cluster (one mon, one bluestore OSD, no mgr) in one directory.
+"""An embedded single-node Ceph cluster (one mon, one bluestore or memstore OSD, no mgr) in one directory.
 
 volplugin's default backend when no Ceph is configured, and the tests' throwaway cluster. The
 directory holds it all: ceph.conf, monmap, stores (the OSD's a sparse block file: data survives
@@ -60,18 +60,25 @@ _SETTINGS = {
         "admin_socket": "{osd_asok}", "osd_memory_target": "{memory}",
         # how long a dead client's watch (so its exclusive lock) outlives it
         "osd_client_watch_timeout": "{watch_timeout}",
-        # a sparse block file made at mkfs as osd_data/block (the default bluestore_block_path:
-        # set to that explicitly it points at itself)
-        "osd_objectstore": "bluestore", "bluestore_block_create": "true",
-        "bluestore_block_size": "{block_size}",
-        # start-up: the OSD opens and closes the block file once per op shard and a few times
-        # mounting, each close waiting out an aio poll (250 ms by default): most of its start
-        "bdev_aio_poll_ms": 20, "osd_op_num_shards": 2, "osd_op_num_threads_per_shard": 1,
+        "osd_objectstore": "{objectstore}", "osd_op_num_shards": 2, "osd_op_num_threads_per_shard": 1,
     },
     # no admin socket: clients would fight over one path ("File exists"); the timeouts keep a
     # client of a dead cluster from waiting 300 s to connect, or forever for an op
     "client": {"admin_socket": "", **dict.fromkeys(
         ("client_mount_timeout", "rados_osd_op_timeout", "rados_mon_op_timeout"), "{client_timeout}")},
+}
+# [osd] settings of each EmbeddedCeph(objectstore=...)
+_STORE_SETTINGS = {
+    # a sparse block file made at mkfs as osd_data/block (the default bluestore_block_path: set to
+    # that explicitly it points at itself). bdev_aio_poll_ms: the OSD opens and closes the block file
+    # once per op shard and a few times mounting, each close waiting out an aio poll (250 ms by
+    # default): most of its start.
+    "bluestore": {"bluestore_block_create": "true", "bluestore_block_size": "{block_size}",
+                  "bdev_aio_poll_ms": 20},
+    # Objects in the OSD's memory, written to osd_data only at a clean stop (a kill -9 loses them).
+    # For throwaway clusters on tmpfs (the VM lane's guest): bluestore opens its block file with
+    # O_DIRECT, which the guest's tmpfs (Linux 6.1) refuses: its mkfs fails with EINVAL.
+    "memstore": {"memstore_device_bytes": "{block_size}"},
 }
 _CONF_UNSAFE = re.compile(r"[\n\r#;$=\[\]]")  # would change the meaning of a ceph.conf line
 
@@ -86,12 +93,14 @@ class EmbeddedCeph:
 
     def __init__(self, directory: str, *, mon_port: int = 0, pool: str = "rbd", store_gib: int = 20,
                  osd_memory_target_mib: int = 1024, watch_timeout: int = 30,
-                 client_timeout: int = 30):
+                 client_timeout: int = 30, objectstore: str = "bluestore"):
         self.directory = os.path.abspath(directory)
         if _CONF_UNSAFE.search(self.directory) or not re.fullmatch(r"[A-Za-z0-9_.-]+", pool) \
-                or osd_memory_target_mib < 896:  # Ceph's own minimum for osd_memory_target
-            raise ValueError(f"unusable directory {directory!r}, pool {pool!r} or memory target")
+                or osd_memory_target_mib < 896 or objectstore not in _STORE_SETTINGS:  # 896: Ceph's minimum
+            raise ValueError(f"unusable directory {directory!r}, pool {pool!r}, memory target or "
+                             f"objectstore {objectstore!r}")
         self.requested_mon_port, self.pool, self.store_gib = mon_port, pool, store_gib
+        self.objectstore = objectstore
         self.osd_memory_target_mib, self.watch_timeout = osd_memory_target_mib, watch_timeout
         self.client_timeout = client_timeout  # for clients using conf_path (the plugin)
         self.conf_path = os.path.join(self.directory, "ceph.conf")
@@ -197,10 +206,12 @@ class EmbeddedCeph:
                 for kind in ("mon", "osd")}
         values = dict(asok, d=d, fsid=state["fsid"], mon_host=self._mon_addrs(state),
                       block_size=self.store_gib << 30, memory=self.osd_memory_target_mib << 20,
-                      watch_timeout=self.watch_timeout, client_timeout=self.client_timeout)
+                      watch_timeout=self.watch_timeout, client_timeout=self.client_timeout,
+                      objectstore=self.objectstore)
+        sections = dict(_SETTINGS, osd={**_SETTINGS["osd"], **_STORE_SETTINGS[self.objectstore]})
         text = "# Written by volplugin.cephlab at every ensure_running(): edits are lost.\n" + "".join(
             f"\n[{section}]\n" + "".join(f"{k} = {str(v).format(**values)}\n" for k, v in kv.items())
-            for section, kv in _SETTINGS.items())
+            for section, kv in sections.items())
         with contextlib.suppress(FileNotFoundError), open(self.conf_path) as f:
             if f.read() == text:
                 return

@@ -32,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     brk = sub.add_parser("break-lock", parents=[common],
                          help="fence a dead host (blocklist its clients) and break its lock on a volume")
     brk.add_argument("volume")
+    setup = sub.add_parser("lvm-setup", parents=[common],
+                           help="create the LVM volume group and thin pool ([lvm] vg, thin_pool) if missing")
+    setup.add_argument("--device", action="append", default=[], help="a block device for the volume group")
+    setup.add_argument("--loop-file", help="trials: a sparse file behind a loop device (default [lvm] loop_file)")
+    setup.add_argument("--size", help="size of a new loop file, e.g. 50G")
+    setup.add_argument("--pool-percent", type=int, default=90, help="share of the VG's free space for the pool")
+    teardown = sub.add_parser("lvm-teardown", parents=[common],
+                              help="remove the LVM volume group (refused while a volume is in use)")
+    teardown.add_argument("--loop-file", help="detach this file's loop device (default [lvm] loop_file)")
+    teardown.add_argument("--remove-file", action="store_true", help="also delete the loop file")
     return parser
 
 
@@ -60,8 +70,11 @@ def _serve(config: dict) -> None:
     def on_ready():
         # After the socket listens (Docker gives managed plugins ~10 s), before any request is served.
         try:
-            if not config["rbd"]["conf"]:
+            if "rbd" in config["backends"] and not config["rbd"]["conf"]:
                 embedded_cluster(config).ensure_running()
+            if "lvm" in config["backends"] and config["lvm"]["loop_file"]:
+                from .backends.lvm_setup import ensure_loop
+                ensure_loop(config["lvm"]["loop_file"])  # loop devices do not survive a reboot
             reconcile(Services(config).driver)
         except Exception:  # noqa: BLE001 - keep serving: requests then fail with clear errors
             log.exception("start-up (cluster or reconciliation) failed")
@@ -70,10 +83,32 @@ def _serve(config: dict) -> None:
           log_level=config["log_level"], on_ready=on_ready, name="volplugin")
 
 
+def _lvm_admin(config: dict, args) -> None:
+    from .backends import lvm_setup
+    from .backends.lvm_command import Lvm
+    from .options import parse_size
+
+    lvm = Lvm(timeout=config["lvm"]["timeout"], monitoring=config["lvm"]["monitoring"])
+    vg, pool = config["lvm"]["vg"], config["lvm"]["thin_pool"]
+    loop_file = args.loop_file or config["lvm"]["loop_file"]
+    if args.command == "lvm-setup":
+        size = parse_size(args.size) if args.size else None
+        created = lvm_setup.setup(lvm, vg, pool, devices=args.device, loop_file=loop_file, size=size,
+                                  pool_percent=args.pool_percent)
+        print(f"{vg}/{pool}: " + (", ".join(k for k, v in created.items() if v) + " created"
+                                  if any(created.values()) else "already set up"))
+    else:
+        lvm_setup.teardown(lvm, vg, loop_file=loop_file, remove_file=args.remove_file)
+        print(f"{vg}: removed")
+
+
 def _admin(config: dict, args) -> None:
     from .admin import Admin
     from .service import Services
 
+    if args.command.startswith("lvm-"):
+        _lvm_admin(config, args)
+        return
     admin = Admin(Services(config).driver)
     if args.command == "status":
         rows = admin.status()
@@ -86,6 +121,15 @@ def _admin(config: dict, args) -> None:
             snaps = ",".join(s["name"] for s in r.get("Snapshots", []))
             print(f"{r['Name']:24}{st.get('size', ''):>14}  {st.get('fs', ''):6}{r.get('Holder', '') or '-':16}"
                   f"{r.get('Mountpoint', '') or '-':40}{snaps or r.get('Error', '')}")
+        for pool in admin.pools():
+            where = f"thin pool {pool['vg']}/{pool['thin_pool']}"
+            if "error" in pool:
+                print(f"{where}: {pool['error']}")
+                continue
+            print(f"{where}: data {pool['data_percent']:g}%, metadata {pool['metadata_percent']:g}%, "
+                  f"provisioned {pool['overcommit']:g}x of {pool['size']} bytes")
+            if "warning" in pool:
+                print(f"WARNING: {pool['warning']}")
     elif args.command == "snapshot":
         volume, _, snap = args.target.partition("@")
         if args.action == "list":

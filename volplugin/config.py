@@ -2,7 +2,9 @@
 import socket
 
 from plugincore import config as _config
+from plugincore.errors import InvalidRequest
 
+BACKENDS = ("rbd", "lvm")
 DEFAULTS = {
     "socket": "/run/docker/plugins/volplugin.sock",
     "state_dir": "/var/lib/volplugin",
@@ -10,6 +12,7 @@ DEFAULTS = {
     "workers": 2,
     "threads": 4,
     "log_level": "info",
+    "backends": ["rbd"],  # the storage backends this host serves
     "volume": {
         "backend": "rbd",
         "size": "10G",
@@ -30,10 +33,26 @@ DEFAULTS = {
         "embedded_mon_port": 0,
         "embedded_store_gib": 20,
     },
+    "lvm": {
+        "vg": "volplugin",
+        "thin_pool": "thinpool",
+        "loop_file": "",  # a trial pool on a sparse file: re-attached to a loop device at start-up
+        "timeout": 60.0,
+        "monitoring": True,
+        "max_overcommit": 4.0,
+        "max_pool_percent": 90.0,
+        "warn_pool_percent": 80.0,
+    },
 }
 
 
 def load(path: str | None = None, overrides: dict | None = None, environ=None) -> dict:
     config = _config.load(DEFAULTS, "VOLPLUGIN", path, overrides, environ)
     config["host_id"] = config["host_id"] or socket.gethostname()
+    unknown = [b for b in config["backends"] if b not in BACKENDS]
+    if unknown or not config["backends"]:
+        raise InvalidRequest(f"backends {config['backends']!r}: choose from {', '.join(BACKENDS)}")
+    if config["volume"]["backend"] not in config["backends"]:
+        raise InvalidRequest(f"volume.backend {config['volume']['backend']!r} is not among the configured "
+                             f"backends ({', '.join(config['backends'])})")
     return config

@@ -8,13 +8,14 @@ import contextlib
 import logging
 import os
 
-from plugincore.errors import Conflict, InvalidRequest, NotFound
+from plugincore.errors import Conflict, InvalidRequest, NotFound, PluginError
 from . import filesystem
-from .backends.base import VolumeSpec
+from .backends.base import LocalOnlyCatalog, VolumeSpec
 from .options import check_name, parse_from, parse_volume_options
 from .state import CREATING, READY, VolumeState, rfc3339
 
 log = logging.getLogger("volplugin.driver")
+_NO_CATALOG = LocalOnlyCatalog()
 
 
 class VolumeDriver:
@@ -41,11 +42,26 @@ class VolumeDriver:
     def _spec(self, name: str, volume: dict) -> VolumeSpec:
         return VolumeSpec(name=name, size=volume["options"]["size"], backend_data=volume["backend_data"])
 
+    def _host_local(self, volume: dict) -> bool:
+        backend = self.backends.get(volume["options"]["backend"])
+        return backend is not None and backend.host_local
+
+    def _catalog(self, options: dict):
+        """Where a volume's record is shared: the shared catalog, unless its backend is host-local."""
+        return _NO_CATALOG if self.backends[options["backend"]].host_local else self.catalog
+
+    @property
+    def scope(self) -> str:
+        # Docker's volume scope is per driver: "global" as soon as volumes can be seen from every host.
+        return "global" if self.catalog.shared else "local"
+
     def _find(self, name: str) -> dict | None:
         """A volume, from the shared catalog (the truth: another host may have created or removed it),
-        or from local state alone for a host-local catalog or a volume attached here."""
+        or from local state alone for a host-local volume, a host-local catalog or a volume attached here."""
         volume = self.state.volume(name)
         local = volume if volume is not None and volume["status"] == READY else None
+        if local is not None and self._host_local(local):
+            return local
         if not self.catalog.shared or (local is not None and self.state.attachment(name)):
             return local
         record = self.catalog.catalog_get(name)
@@ -62,14 +78,16 @@ class VolumeDriver:
         check_name(name)
         options = parse_volume_options(opts, self.defaults)
         backend = self._backend(options)
+        backend.validate_name(name)
         with self._lock(name):
             existing = self._find(name)
             if existing is not None:
                 self._check_same(name, existing["options"], options, opts or {})
                 return
             clone_from = parse_from(options["from"]) if "from" in options else None
-            if clone_from and self._find(clone_from[0]) is None:
-                raise NotFound(f"source volume {clone_from[0]} does not exist")
+            if clone_from:
+                options = self._clone_options(options, opts or {}, clone_from)
+                backend = self._backend(options)
             spec = VolumeSpec(name=name, size=options["size"],
                               backend_data={"pool": options["pool"]} if options["pool"] else {})
             self.state.put_volume(name, options, spec.backend_data, CREATING)
@@ -77,13 +95,34 @@ class VolumeDriver:
                 undo.callback(self.state.drop_volume, name)
                 spec.backend_data = backend.create(spec, clone_from)
                 undo.callback(_quietly, backend.remove, spec)
-                if clone_from is None:
-                    self._format(backend, spec, options)
+                self._format(backend, spec, options, clone=clone_from is not None)
                 record = {"options": options, "backend_data": spec.backend_data, "created_at": rfc3339()}
-                self.catalog.catalog_put(name, record)
+                self._catalog(options).catalog_put(name, record)
                 self.state.put_volume(name, options, spec.backend_data, READY, record["created_at"])
                 undo.pop_all()
         log.info("volume %s created (%s, %d bytes, %s)", name, options["backend"], options["size"], options["fs"])
+
+    def _clone_options(self, options: dict, given: dict, clone_from: tuple[str, str]) -> dict:
+        """A clone gets no new filesystem: it has its source's backend, pool, filesystem and PGDATA
+        layout, so options the caller left out come from the source volume, not from the configured
+        defaults (a default fs other than the source's made every Mount fail: `mount -t ext4` of an XFS
+        clone). Its size, if not given: the default, or the snapshot's if that is bigger (both backends
+        refuse a clone smaller than its source). Asking for a different backend or fs is refused."""
+        source = self._find(clone_from[0])
+        if source is None:
+            raise NotFound(f"source volume {clone_from[0]} does not exist")
+        origin = "@".join(clone_from)
+        for key in ("backend", "fs"):
+            if key in given and options[key] != source["options"][key]:
+                raise InvalidRequest(f"{key} {options[key]}: a clone of {origin} has its source's "
+                                     f"{key} ({source['options'][key]})")
+        inherited = {k: source["options"][k] for k in ("backend", "pool", "fs", "pgdata", "uid", "gid")
+                     if k not in given}
+        options = {**options, **inherited}
+        if "size" not in given:
+            snaps = self._backend(options).snapshot_list(self._spec(clone_from[0], source))
+            options["size"] = max([options["size"]] + [s["size"] for s in snaps if s["name"] == clone_from[1]])
+        return options
 
     @staticmethod
     def _check_same(name: str, have: dict, want: dict, given: dict) -> None:
@@ -93,14 +132,20 @@ class VolumeDriver:
             raise Conflict(f"volume {name} already exists with different options: " + ", ".join(
                 f"{k}={have.get(k)} (asked {want[k]})" for k in differing))
 
-    def _format(self, backend, spec: VolumeSpec, options: dict) -> None:
+    def _format(self, backend, spec: VolumeSpec, options: dict, clone: bool = False) -> None:
+        """A new volume: filesystem and PGDATA directory. A clone: its source's filesystem, grown to the
+        clone's size (a clone asked bigger than its source must not keep the source's size inside)."""
         device = backend.attach(spec)
         scratch = os.path.join(self.mount_root, ".format", spec.name)
         try:
-            filesystem.ensure_filesystem(device, options["fs"])
+            if not clone:
+                filesystem.ensure_filesystem(device, options["fs"])
             filesystem.mount(device, scratch, options["fs"])
             try:
-                filesystem.prepare_pgdata(scratch, options["pgdata"], options["uid"], options["gid"])
+                if clone:
+                    filesystem.grow(device, scratch, options["fs"])
+                else:
+                    filesystem.prepare_pgdata(scratch, options["pgdata"], options["uid"], options["gid"])
             finally:
                 filesystem.unmount(scratch)
                 os.rmdir(scratch)
@@ -118,7 +163,7 @@ class VolumeDriver:
             if callers or self.state.attachment(name):
                 raise Conflict(f"volume {name} is mounted on this host by {len(callers)} container(s)")
             self._backend(volume["options"]).remove(self._spec(name, volume))
-            self.catalog.catalog_delete(name)
+            self._catalog(volume["options"]).catalog_delete(name)
             self.state.drop_volume(name)
 
     # Mount / Unmount
@@ -194,6 +239,11 @@ class VolumeDriver:
         status = {"backend": options["backend"], "size": options["size"], "fs": options["fs"],
                   "pgdata": options["pgdata"], "uid": options["uid"], "gid": options["gid"],
                   **volume["backend_data"]}
+        if options["backend"] in self.backends:
+            try:
+                status.update(self._backend(options).status_facts(self._spec(name, volume)))
+            except PluginError as exc:  # Get must answer: Docker calls it around every operation
+                status["error"] = str(exc)
         if mountpoint:
             status.update(used=filesystem.usage(mountpoint)["used"], attached_host=self.host_id,
                           containers=self.state.callers(name),
@@ -202,10 +252,11 @@ class VolumeDriver:
 
     def list(self) -> list[dict]:
         mounted = {a["volume"]: a["mountpoint"] for a in self.state.attachments()}
+        local = {v["name"] for v in self.state.volumes()
+                 if v["status"] == READY and (not self.catalog.shared or self._host_local(v))}
+        names = local | set(mounted)
         if self.catalog.shared:
-            names = set(self.catalog.catalog_list()) | set(mounted)
-        else:
-            names = {v["name"] for v in self.state.volumes() if v["status"] == READY}
+            names |= set(self.catalog.catalog_list())
         return [{"Name": n, "Mountpoint": mounted.get(n, "")} for n in sorted(names)]
 
 

@@ -18,8 +18,8 @@ VOLUME_OPTIONS = {
     "uid": "owner of the PGDATA directory (default 999, the postgres user of the official image)",
     "gid": "group of the PGDATA directory (default 999)",
     "pgdata": "name of the PGDATA subdirectory created at the filesystem root",
-    "backend": "storage backend (rbd)",
-    "pool": "RBD pool (default from config)",
+    "backend": "storage backend: rbd (Ceph, follows the container across hosts) or lvm (thin LV on this host)",
+    "pool": "RBD pool, or LVM thin pool in the configured volume group (default from config)",
     "from": "create as a clone of <volume>@<snapshot>",
 }
 

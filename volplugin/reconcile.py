@@ -34,13 +34,25 @@ def reconcile(driver) -> dict:
             filesystem.unmount(path)
             summary["orphan_mounts"] += 1
     for backend in driver.backends.values():
-        for name in backend.attached():
+        try:
+            attached = backend.attached()
+        except Exception:  # noqa: BLE001 - one unreachable backend must not stop the others
+            log.exception("cannot list the %s backend's attachments", backend.name)
+            continue
+        for name in attached:
             volume = state.volume(name)
             if name in known or volume is None:
                 continue
             log.warning("detaching orphan attachment of %s", name)
             backend.detach(driver._spec(name, volume))
             summary["orphan_attachments"] += 1
+    for backend in driver.backends.values():
+        try:  # e.g. a device mapped by a plugin that died before recording it
+            cleaned = backend.cleanup_orphans()
+        except Exception:  # noqa: BLE001
+            log.exception("cleaning up the %s backend's orphans failed", backend.name)
+            continue
+        summary["orphan_attachments"] += len(cleaned)
     log.info("reconciled: %s", summary)
     return summary
 

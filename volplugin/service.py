@@ -35,17 +35,41 @@ def build_rbd_backend(config: dict):
                       trash_retention=rbd["trash_retention"])
 
 
+def build_lvm_backend(config: dict):
+    from .backends.lvm import LvmBackend
+
+    lvm = config["lvm"]
+    return LvmBackend(vg=lvm["vg"], thin_pool=lvm["thin_pool"], host_id=config["host_id"],
+                      state_dir=os.path.join(config["state_dir"], "lvm"), timeout=lvm["timeout"],
+                      monitoring=lvm["monitoring"], max_overcommit=lvm["max_overcommit"],
+                      max_pool_percent=lvm["max_pool_percent"], warn_pool_percent=lvm["warn_pool_percent"])
+
+
+BUILDERS = {"rbd": build_rbd_backend, "lvm": build_lvm_backend}
+
+
+def build_backends(config: dict) -> dict:
+    return {name: BUILDERS[name](config) for name in config["backends"]}
+
+
+def shared_catalog(backends: dict):
+    """The catalog every host sees (the RBD backend's, in the cluster), else a host-local one."""
+    from .backends.base import LocalOnlyCatalog
+
+    return next((b for b in backends.values() if not b.host_local), LocalOnlyCatalog())
+
+
 class Services:
     def __init__(self, config: dict, backends: dict | None = None, catalog=None):
         state_dir = config["state_dir"]
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.store = Store(os.path.join(state_dir, "volplugin.db"), VOLUME_SCHEMA)
         if backends is None:
-            backends = {"rbd": build_rbd_backend(config)}
-        defaults = dict(config["volume"], pool=config["rbd"]["pool"])
+            backends = build_backends(config)
+        defaults = dict(config["volume"], pool="")  # each backend has its own default pool
         self.driver = VolumeDriver(VolumeState(self.store), LockDir(os.path.join(state_dir, "locks")), backends,
                                    host_id=config["host_id"], mount_root=os.path.join(state_dir, "mounts"),
-                                   defaults=defaults, catalog=catalog or backends[config["volume"]["backend"]])
+                                   defaults=defaults, catalog=catalog or shared_catalog(backends))
 
 
 def create_app(config: dict, services: Services | None = None):

@@ -37,6 +37,17 @@ def post(client, route, body=None, raw=None):
 
 def test_activate_and_capabilities(client):
     assert post(client, "/Plugin.Activate")[1] == {"Implements": ["VolumeDriver"]}
+    # a host-local catalog (as with only LVM configured): Docker must not expect the volume elsewhere
+    assert post(client, "/VolumeDriver.Capabilities", {})[1] == {"Capabilities": {"Scope": "local"}}
+
+
+def test_scope_is_global_with_a_shared_catalog(tmp_path):
+    class SharedCatalog(LocalOnlyCatalog):
+        shared = True
+
+    config = volconfig.load(overrides={"state_dir": str(tmp_path)}, environ={})
+    services = Services(config, backends={"rbd": UntouchableBackend()}, catalog=SharedCatalog())
+    client = create_app(config, services).test_client()
     assert post(client, "/VolumeDriver.Capabilities", {})[1] == {"Capabilities": {"Scope": "global"}}
 
 

@@ -27,6 +27,15 @@ class Holder:
 
 class Backend:
     name = ""
+    host_local = False  # True: volumes exist on this host only (their record is local state, not shared)
+    snapshot_freezes_filesystem = False  # True: the backend freezes a mounted filesystem itself
+
+    def validate_name(self, name: str) -> None:
+        """Refuse (InvalidRequest) a volume name this backend cannot use, before anything is created."""
+
+    def status_facts(self, spec: VolumeSpec) -> dict:
+        """Extra live facts for Docker's Get (called around every operation: cheap, local only)."""
+        return {}
 
     def create(self, spec: VolumeSpec, clone_from: tuple[str, str] | None = None) -> dict:
         """Create the block volume (idempotent for an identical spec); return backend_data to persist."""

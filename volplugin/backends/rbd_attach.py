@@ -67,7 +67,13 @@ class AttachMixin:
                 log.warning("volume %s: local attachment %s is half-dead; tearing it down",
                             spec.name, local.get("device"))
                 self._teardown(local)
-            self._teardown_leftovers(pool, name)
+            leftovers = self._leftovers(pool, name)
+            if leftovers:
+                # A refused attach must change nothing here: a mapping of an image that another
+                # live host holds is not ours to tear down (an admin's `rbd map`; in the VM lane's
+                # tests, the other "host" sharing this kernel).
+                self._refuse_if_held_elsewhere(spec)
+            self._teardown_leftovers(pool, name, leftovers)
             with contextlib.ExitStack() as undo:
                 claim = self._claim(spec)
                 undo.callback(host.quietly, self._release, spec)
@@ -102,6 +108,17 @@ class AttachMixin:
             raise Conflict(f"volume {spec.name} is attached on this host as {local['device']}, but the "
                            f"cluster now records {holder} as its holder: this host was fenced; "
                            "unmount and detach it here")
+        self._on_image(spec, "checking the holder of", check)
+
+    def _refuse_if_held_elsewhere(self, spec: VolumeSpec) -> None:
+        """Conflict (read only) while another host holds the volume and its clients are alive."""
+        pool, _ = self._where(spec)
+
+        def check(ioctx, image, oid):
+            _, record = locks.read_record(ioctx, oid)
+            if record is not None and record.get("host") != self.host_id and locks.Assessment(
+                    record, locks.watcher_addresses(image), locks.lock_owners(image), self.claim_ttl).alive:
+                raise Conflict(locks.in_use_message(spec.name, pool, record))
         self._on_image(spec, "checking the holder of", check)
 
     def _claim(self, spec: VolumeSpec) -> str:
@@ -187,12 +204,15 @@ class AttachMixin:
             method.detach(local)
         self.records.drop(local["pool"], local["image"])
 
-    def _teardown_leftovers(self, pool: str, name: str) -> None:
-        for method in self.methods.values():
-            if method.usable():
-                for leftover in method.leftovers(pool, name):
-                    log.warning("tearing down leftover %s attachment of %s/%s", method.name, pool, name)
-                    method.detach(leftover)
+    def _leftovers(self, pool: str, name: str) -> list[tuple]:
+        """(method, leftover) of every attachment of the image on this host, recorded or not."""
+        return [(method, leftover) for method in self.methods.values() if method.usable()
+                for leftover in method.leftovers(pool, name)]
+
+    def _teardown_leftovers(self, pool: str, name: str, found: list[tuple] | None = None) -> None:
+        for method, leftover in self._leftovers(pool, name) if found is None else found:
+            log.warning("tearing down leftover %s attachment of %s/%s", method.name, pool, name)
+            method.detach(leftover)
 
     def _release(self, spec: VolumeSpec) -> None:
         def release(ioctx, image, oid):
@@ -215,9 +235,10 @@ class AttachMixin:
         return found
 
     def cleanup_orphans(self) -> list[str]:
-        """Tear down recorded attachments that are half-dead (process, mount or device gone) and FUSE
-        leftovers nobody recorded; release their ownership. Skips a device a filesystem still sits on
-        (the driver unmounts first). Returns the volumes cleaned up."""
+        """Tear down recorded attachments that are half-dead (process, mount or device gone), FUSE
+        leftovers nobody recorded and unrecorded kernel mappings of volumes this host holds; release
+        their ownership. Skips a device a filesystem still sits on (the driver unmounts first).
+        Returns the volumes cleaned up."""
         cleaned = []
         recorded = set()
         for local in self.records.all():
@@ -236,6 +257,36 @@ class AttachMixin:
         for pool, name in self.methods["fuse"].directories():
             if (pool, name) not in recorded and self.methods["fuse"].leftovers(pool, name):
                 host.quietly(self.methods["fuse"].detach, {"pool": pool, "image": name})
+                cleaned.append(name)
+        return cleaned + self._cleanup_unrecorded_mappings(recorded)
+
+    def _cleanup_unrecorded_mappings(self, recorded: set) -> list[str]:
+        """Kernel mappings (krbd, nbd) that no local record explains, of images whose ownership record
+        names this host: the plugin died between mapping and recording, or lost its state directory.
+        Torn down and released unless mounted. Other mappings here (an admin's `rbd map`, images
+        held by nobody or by another host) are not ours: left alone."""
+        cleaned = []
+        for method in self.methods.values():
+            if not isinstance(method, rbd_devices.KernelMapping) or not method.usable():
+                continue
+            for pool, name, device in method.mapped():
+                if (pool, name) in recorded or host.device_in_use(device):
+                    continue
+                spec = VolumeSpec(name=name, size=0, backend_data={"pool": pool, "image": name})
+                try:
+                    with self._local_lock(pool, name):  # an attach in progress records it under this lock
+                        holder = self.holder(spec)
+                        if self.records.load(pool, name) is not None or holder is None \
+                                or holder.host != self.host_id:
+                            continue
+                        log.warning("volume %s: %s device %s is recorded nowhere on this host, but the "
+                                    "cluster names this host its holder: tearing it down", name,
+                                    method.name, device)
+                        self._teardown_leftovers(pool, name)
+                        self._release(spec)
+                except PluginError as exc:
+                    log.error("volume %s: cleaning up unrecorded device %s failed: %s", name, device, exc)
+                    continue
                 cleaned.append(name)
         return cleaned
 

@@ -1,9 +1,9 @@
 """Ways to expose an RBD image as a block device on this host, tried in the configured order:
 
-- ``krbd``: ``rbd device map -o noshare``. ``noshare`` gives every mapping its own kernel client (so
-  fencing one volume's client never fences another volume on the same host). Not ``exclusive``:
-  the kernel cannot run the snapshot/resize requests librbd forwards to the lock owner, it must
-  hand the lock over for them, which ``exclusive`` forbids.
+- ``krbd``: ``rbd device map -o noshare`` (plus ``noudev`` where no udev runs). ``noshare`` gives
+  every mapping its own kernel client (so fencing one volume's client never fences another volume
+  on the same host). Not ``exclusive``: the kernel cannot run the snapshot/resize requests librbd
+  forwards to the lock owner, it must hand the lock over for them, which ``exclusive`` forbids.
 - ``nbd``: ``rbd-nbd map --exclusive`` (a userspace librbd daemon behind /dev/nbdN; as lock owner
   librbd runs forwarded snapshot/resize requests itself, so refusing lock hand-over is harmless).
 - ``fuse``: ``rbd-fuse -p POOL -r IMAGE DIR -f`` (one image per process: a pool-wide rbd-fuse opens
@@ -11,8 +11,10 @@
   Works without krbd or nbd in the kernel; rbd-fuse cannot take a client name, so it always
   connects as client.admin (with the configured keyring).
 
-Each method's ``attach`` registers its own undo steps on the caller's ExitStack and returns the
-facts to record (device, PIDs, paths); ``detach`` is idempotent and tears down whatever is left.
+krbd and nbd share one shape (KernelMapping: map with a command, unmap by device, find mappings
+by listing the host's). Each method's ``attach`` registers its own undo steps on the caller's
+ExitStack and returns the facts to record (device, PIDs, paths); ``detach`` is idempotent and tears
+down whatever is left.
 """
 from __future__ import annotations
 
@@ -43,8 +45,16 @@ def _modprobe(module: str, sysfs: str) -> bool:
     return os.path.isdir(sysfs)
 
 
-class Krbd:
-    name = "krbd"
+def _udev_running() -> bool:
+    """systemd-udevd runs here (its control socket exists: libudev's own test)."""
+    return os.path.exists("/run/udev/control")
+
+
+class KernelMapping:
+    """A method that maps an image to a kernel block device with one command (which prints the
+    device path) and unmaps it by that path. The host's list of mappings (``mapped()``) is the
+    truth: detach, health and leftovers need no process or file of ours."""
+    name = program = module = module_sysfs = ""
 
     def __init__(self, cluster, state_dir: str):
         self.cluster = cluster
@@ -52,32 +62,37 @@ class Krbd:
 
     def usable(self) -> bool:
         if self._usable is None:
-            self._usable = bool(shutil.which("rbd")) and _modprobe("rbd", "/sys/bus/rbd")
+            self._usable = bool(shutil.which(self.program)) and _modprobe(self.module, self.module_sysfs)
         return self._usable
 
+    def _map_argv(self, pool: str, image: str) -> list[str]:
+        raise NotImplementedError
+
+    def _unmap_argv(self, device: str) -> list[str]:
+        raise NotImplementedError
+
+    def mapped(self) -> list[tuple[str, str, str]]:
+        """(pool, image, device) of every mapping of a whole image (not a snapshot) on this host."""
+        raise NotImplementedError
+
     def attach(self, pool: str, image: str, undo: contextlib.ExitStack) -> dict:
-        out = run(["rbd", "device", "map", "--device-type", "krbd", "--options", "noshare",
-                   f"{pool}/{image}", *self.cluster.cli_args()], timeout=self.cluster.op_timeout + 30).stdout
-        device = out.strip().splitlines()[-1].strip()
-        undo.callback(host.quietly, self._unmap, device)
+        # Undone by image, not by device, and registered first: a map command that failed or timed
+        # out may have mapped all the same. While the caller holds the image's local lock, every
+        # mapping of it here is this attach's.
+        undo.callback(host.quietly, self.detach, {"pool": pool, "image": image})
+        out = run([*self._map_argv(pool, image), *self.cluster.cli_args()],
+                  timeout=self.cluster.op_timeout + 30).stdout.split()
+        device = out[-1] if out else ""
+        if not os.path.exists(device):
+            raise BackendError(f"{self.program} mapped {pool}/{image} as {device or '(nothing)'}, but "
+                               "there is no such device node (no udev and no devtmpfs on /dev?)")
         return {"device": device}
 
     def _unmap(self, device: str) -> None:
-        run(["rbd", "device", "unmap", "--device-type", "krbd", device], timeout=self.cluster.op_timeout + 30)
+        run(self._unmap_argv(device), timeout=self.cluster.op_timeout + 30)
 
-    @staticmethod
-    def _mappings(pool: str, image: str) -> list[str]:
-        found = []
-        base = "/sys/bus/rbd/devices"
-        with contextlib.suppress(FileNotFoundError):
-            for dev_id in os.listdir(base):
-                try:
-                    with open(f"{base}/{dev_id}/pool") as f1, open(f"{base}/{dev_id}/name") as f2:
-                        if (f1.read().strip(), f2.read().strip()) == (pool, image):
-                            found.append(f"/dev/rbd{dev_id}")
-                except OSError:
-                    continue
-        return found
+    def _mappings(self, pool: str, image: str) -> list[str]:
+        return [device for p, i, device in self.mapped() if (p, i) == (pool, image)]
 
     def healthy(self, record: dict) -> bool:
         return record.get("device") in self._mappings(record["pool"], record["image"])
@@ -91,32 +106,54 @@ class Krbd:
             self._unmap(device)
 
     def refresh_size(self, record: dict, size: int) -> None:
-        pass  # the kernel client follows header updates itself
+        pass  # krbd follows header updates itself; rbd-nbd resizes its nbd device on them
 
 
-class Nbd:
-    name = "nbd"
+class Krbd(KernelMapping):
+    name, program, module, module_sysfs = "krbd", "rbd", "rbd", "/sys/bus/rbd"
+    DEVICES = "/sys/bus/rbd/devices"
 
-    def __init__(self, cluster, state_dir: str):
-        self.cluster = cluster
-        self._usable = None
+    @staticmethod
+    def _udev_options() -> list[str]:
+        # rbd waits for udev to have processed the new device's uevent (its rules add the
+        # /dev/rbd/POOL/IMAGE links). Without a running udev (a container, the VM lane) it keeps
+        # waiting (still after 40 s in the VM lane, until the timeout killed it) and leaves the
+        # device mapped. noudev returns on the kernel's own uevent: devtmpfs has made /dev/rbdN.
+        return [] if _udev_running() else ["noudev"]
 
-    def usable(self) -> bool:
-        if self._usable is None:
-            self._usable = bool(shutil.which("rbd-nbd")) and _modprobe("nbd", "/sys/module/nbd")
-        return self._usable
+    def _map_argv(self, pool: str, image: str) -> list[str]:
+        return ["rbd", "device", "map", "--device-type", "krbd",
+                "--options", ",".join(["noshare", *self._udev_options()]), f"{pool}/{image}"]
 
-    def attach(self, pool: str, image: str, undo: contextlib.ExitStack) -> dict:
-        out = run(["rbd-nbd", "map", "--exclusive", f"{pool}/{image}", *self.cluster.cli_args()],
-                  timeout=self.cluster.op_timeout + 30).stdout
-        device = out.strip().splitlines()[-1].strip()
-        undo.callback(host.quietly, self._unmap, device)
-        return {"device": device}
+    def _unmap_argv(self, device: str) -> list[str]:
+        udev = self._udev_options()  # unmap waits for udev's "remove" the same way
+        return ["rbd", "device", "unmap", "--device-type", "krbd",
+                *(["--options", ",".join(udev)] if udev else []), device]
 
-    def _unmap(self, device: str) -> None:
-        run(["rbd-nbd", "unmap", device], timeout=self.cluster.op_timeout + 30)
+    def mapped(self) -> list[tuple[str, str, str]]:
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for dev_id in os.listdir(self.DEVICES):
+                try:
+                    pool, image, snap = (_read(f"{self.DEVICES}/{dev_id}/{attr}")
+                                         for attr in ("pool", "name", "current_snap"))
+                except OSError:
+                    continue  # unmapped meanwhile
+                if snap == "-":
+                    found.append((pool, image, f"/dev/rbd{dev_id}"))
+        return found
 
-    def _mappings(self, pool: str, image: str) -> list[str]:
+
+class Nbd(KernelMapping):
+    name, program, module, module_sysfs = "nbd", "rbd-nbd", "nbd", "/sys/module/nbd"
+
+    def _map_argv(self, pool: str, image: str) -> list[str]:
+        return ["rbd-nbd", "map", "--exclusive", f"{pool}/{image}"]
+
+    def _unmap_argv(self, device: str) -> list[str]:
+        return ["rbd-nbd", "unmap", device]
+
+    def mapped(self) -> list[tuple[str, str, str]]:
         if not shutil.which("rbd-nbd"):
             return []
         out = run(["rbd-nbd", "list-mapped", "--format", "json"], timeout=30, check=False).stdout
@@ -124,22 +161,13 @@ class Nbd:
             entries = json.loads(out or "[]")
         except ValueError:
             return []
-        return [e["device"] for e in entries if e.get("pool") == pool and e.get("image") == image
-                and e.get("snap", "-") in ("-", "")]
+        return [(e.get("pool"), e.get("image"), e["device"]) for e in entries
+                if e.get("snap", "-") in ("-", "")]
 
-    def healthy(self, record: dict) -> bool:
-        return record.get("device") in self._mappings(record["pool"], record["image"])
 
-    def leftovers(self, pool: str, image: str) -> list[dict]:
-        return [{"method": self.name, "pool": pool, "image": image, "device": d}
-                for d in self._mappings(pool, image)]
-
-    def detach(self, record: dict) -> None:
-        for device in self._mappings(record["pool"], record["image"]):
-            self._unmap(device)
-
-    def refresh_size(self, record: dict, size: int) -> None:
-        pass  # rbd-nbd resizes the nbd device on header updates
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
 
 
 class Fuse:
