@@ -1,4 +1,4 @@
-"""`netplugin serve`, `netplugin status` and `netplugin reclaim`."""
+"""`netplugin serve`, `status`, `doctor`, `shape` and `reclaim`."""
 import argparse
 import json
 import os
@@ -22,8 +22,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--socket", help="socket path; Docker's driver name is its basename")
     run.add_argument("--workers", type=int)
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    status = sub.add_parser("status", parents=[common], help="networks, endpoints and pools from the plugin's state")
+    status = sub.add_parser("status", parents=[common],
+                            help="networks, endpoints, pools and cluster from the plugin's state, checked against "
+                                 "the kernel (drift) and named by Docker when it answers")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--docker-host", default=None,
+                        help="Docker API for network and container names (default: docker_host; '' = none)")
+    doctor = sub.add_parser("doctor", parents=[common],
+                            help="check this host and the running plugin: OK/WARN/FAIL with fixes; exit 1 on FAIL")
+    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--socket", help="the plugin's socket (default: the configured one)")
+    doctor.add_argument("--docker-host", default=None, help="Docker API to check (default: docker_host)")
     shape = sub.add_parser("shape", parents=[common],
                            help="change a running container's rate limits now (the admin override)")
     shape.add_argument("target", help="container name or ID (resolved through Docker), or endpoint ID prefix")
@@ -56,18 +65,22 @@ def main(argv=None) -> None:
             _shape(config, args)
         elif args.command == "reclaim":
             _reclaim(config, args.host, args.force)
+        elif args.command == "doctor":
+            _doctor(config, args)
         else:
-            _status(config, args.json)
+            _status(config, args)
     except PluginError as exc:
         print(f"netplugin: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
 def _serve(config: dict) -> None:
+    from plugincore.metrics import exporter_for
+    from .metrics import collectors
     from .reconcile import reconcile
     from .service import Services, create_app
 
-    setup_logging(config["log_level"])
+    setup_logging(config["log_level"], config["log_format"])
 
     def on_ready():
         try:
@@ -89,7 +102,8 @@ def _serve(config: dict) -> None:
 
     serve(lambda: create_app(config), config["socket"], workers=config["workers"],
           threads=config["threads"], log_level=config["log_level"], on_ready=on_ready, on_worker=on_worker,
-          name="netplugin")
+          name="netplugin", log_format=config["log_format"],
+          metrics=exporter_for(config, "netplugin", collectors))
 
 
 def _shape(config: dict, args) -> None:
@@ -139,11 +153,6 @@ def _container_endpoints(target: str, docker_host: str | None) -> list[str] | No
     return [n["EndpointID"] for n in networks.values() if n.get("EndpointID")]
 
 
-def _rates(services, ep) -> dict:
-    net = services.driver.state.get_network(ep.network_id)
-    return services.driver.shaper.report(net, ep) if net is not None else {"egress": "", "ingress": ""}
-
-
 def _reclaim(config: dict, host: str, force: bool) -> None:
     from .service import Services
 
@@ -159,38 +168,21 @@ def _reclaim(config: dict, host: str, force: bool) -> None:
           f"{summary['memberships']} overlay memberships, {summary['endpoints']} published endpoints")
 
 
-def _status(config: dict, as_json: bool) -> None:
+def _status(config: dict, args) -> None:
     from .service import Services
+    from .status import collect, render
 
-    services = Services(config)
-    state = services.driver.state
-    report = {
-        "networks": [{"id": n.id, "mode": n.mode, "status": n.status, "parent": n.parent,
-                      "options": n.options, "gateway": n.gateway, "kernel": n.kernel}
-                     for n in state.networks()],
-        "endpoints": [{"id": e.id, "network": e.network_id, "address": e.address, "mac": e.mac,
-                       "joined": bool(e.sandbox), "links": e.kernel, **_rates(services, e)}
-                      for e in state.endpoints()],
-        "pools": services.ipam.pools(),
-        "cluster": {"store": services.cluster["store"], "host_id": services.host_id,
-                    "scope": services.driver.scope,
-                    "live_hosts": services.overlays.live_hosts() if services.etcd is not None else {}},
-    }
-    if as_json:
+    docker_host = config["docker_host"] if args.docker_host is None else args.docker_host
+    report = collect(Services(config), docker_host)
+    if args.json:
         json.dump(report, sys.stdout, indent=2, default=str)
         print()
-        return
-    c = report["cluster"]
-    print(f"cluster store {c['store']}, host {c['host_id']}, scope {c['scope']}"
-          + (f", live hosts: {', '.join(sorted(c['live_hosts'])) or 'none'}" if c["store"] != "local" else ""))
-    print(f"\n{'NETWORK':14}{'MODE':8}{'STATUS':10}{'PARENT':10}{'BRIDGE':17}GATEWAY")
-    for n in report["networks"]:
-        print(f"{n['id'][:12]:14}{n['mode']:8}{n['status']:10}{n['parent'] or '-':10}"
-              f"{n['kernel'].get('bridge', '-'):17}{n['gateway'] or '-'}")
-    print(f"\n{'ENDPOINT':14}{'NETWORK':14}{'ADDRESS':20}{'MAC':19}{'JOINED':8}{'EGRESS':22}INGRESS")
-    for e in report["endpoints"]:
-        print(f"{e['id'][:12]:14}{e['network'][:12]:14}{e['address'] or '-':20}{e['mac']:19}"
-              f"{'yes' if e['joined'] else 'no':8}{e['egress'] or '-':22}{e['ingress'] or '-'}")
-    print(f"\n{'POOL':40}REFS  IN USE")
-    for p in report["pools"]:
-        print(f"{str(p.get('pool')):40}{p.get('refs', '')!s:6}{p.get('in_use', '')}")
+    else:
+        render(report)
+
+
+def _doctor(config: dict, args) -> None:
+    from plugincore.doctor import report
+    from .doctor import checks
+
+    sys.exit(report(checks(config, args.docker_host), args.json, sys.stdout))

@@ -1,5 +1,7 @@
 """netplugin configuration keys and their defaults (documented in config/netplugin.toml)."""
 from plugincore import config as _config
+from plugincore.logs import check_format
+from plugincore.metrics import parse_address
 
 DEFAULTS = {
     "socket": "/run/docker/plugins/netplugin.sock",
@@ -7,6 +9,8 @@ DEFAULTS = {
     "workers": 2,
     "threads": 4,
     "log_level": "info",
+    "log_format": "text",  # text | json (one object per line)
+    "metrics_address": "",  # HOST:PORT of the Prometheus /metrics endpoint; "" = off
     "docker_host": "unix:///run/docker.sock",
     "labels": True,
     "ipam": {
@@ -32,4 +36,7 @@ DEFAULTS = {
 
 
 def load(path: str | None = None, overrides: dict | None = None, environ=None) -> dict:
-    return _config.load(DEFAULTS, "NETPLUGIN", path, overrides, environ)
+    config = _config.load(DEFAULTS, "NETPLUGIN", path, overrides, environ)
+    check_format(config["log_format"])
+    parse_address(config["metrics_address"])
+    return config

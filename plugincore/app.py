@@ -10,10 +10,12 @@ import time
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
+from . import logs, metrics
 from .errors import PluginError
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
 log = logging.getLogger("plugincore.app")
+_LINE_HEAD = ("method", "endpoint", "status", "duration_ms")  # already in the message's fixed part
 
 
 def reply(payload: dict, status: int = 200) -> Response:
@@ -53,24 +55,42 @@ def create_app(name: str, implements: list[str], blueprints, services: dict) -> 
 
     @app.after_request
     def _log_request(response):
-        took = (time.monotonic() - g.get("started", time.monotonic())) * 1000
-        log.info("%s %s %d %.1fms", request.method, request.path, response.status_code, took)
+        # One line per request: what it was about (the IDs in its body), how it ended, how long it took.
+        seconds = time.monotonic() - g.get("started", time.monotonic())
+        status = response.status_code
+        error = g.get("error")
+        fields = {"method": request.method, "endpoint": request.path, "status": status,
+                  "duration_ms": round(seconds * 1000, 1), **logs.request_ids(request_body())}
+        if error is not None:
+            fields["error"] = error
+        # Docker probes with Get before every create: a 404 is routine, not worth a warning.
+        level = logging.INFO if status < 400 or status == 404 else logging.WARNING
+        detail = logs.as_text({k: v for k, v in fields.items() if k not in _LINE_HEAD})
+        log.log(level, "%s %s %d %.1fms%s", request.method, request.path, status, seconds * 1000,
+                f" {detail}" if detail else "", extra={"fields": fields})
+        # The route's rule, not the path: an unknown path must not become a new time series.
+        metrics.observe_request(request.url_rule.rule if request.url_rule else "unknown", status, seconds,
+                                g.get("error_type"))
         return response
+
+    def _failed(exc_type: str, message: str) -> None:
+        g.error_type, g.error = exc_type, message
 
     @app.errorhandler(PluginError)
     def _plugin_error(exc: PluginError):
-        # Docker probes with Get before every create: a 404 is routine, not worth a warning.
-        log.log(logging.INFO if exc.status == 404 else logging.WARNING, "%s failed: %s", request.path, exc)
+        _failed(exc.__class__.__name__, str(exc))  # logged with the request's line
         return error_reply(str(exc), exc.status)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         # An unknown route must stay a 404 (Docker treats it as "not implemented"), but in our format.
+        _failed(f"HTTP{exc.code}", exc.name)
         return error_reply(f"{exc.name}: {request.path}", exc.code or 500)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         log.exception("%s crashed", request.path)
+        _failed("internal", f"{exc.__class__.__name__}: {exc}")
         return error_reply(f"internal error in {name}: {exc.__class__.__name__}: {exc}", 500)
 
     return app

@@ -1,4 +1,4 @@
-"""`volplugin serve` (the Docker volume plugin) and admin commands: status, snapshot, grow, break-lock."""
+"""`volplugin serve` (the Docker volume plugin) and admin commands: status, doctor, snapshot, grow, break-lock."""
 import argparse
 import json
 import logging
@@ -21,8 +21,17 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("serve", parents=[common], help="serve the Docker volume plugin on its Unix socket")
     run.add_argument("--socket", help="socket path; Docker's driver name is its basename")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    status = sub.add_parser("status", parents=[common], help="volumes, holders, mounts, snapshots")
+    status = sub.add_parser("status", parents=[common],
+                            help="volumes (size, use, holder, containers, snapshots, mounts), thin pools, and "
+                                 "drift between this host's state and the kernel or backend")
     status.add_argument("--json", action="store_true")
+    doctor = sub.add_parser("doctor", parents=[common],
+                            help="check this host, the backends and the running plugin: OK/WARN/FAIL with fixes; "
+                                 "exit 1 on FAIL")
+    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--socket", help="the plugin's socket (default: the configured one)")
+    doctor.add_argument("--docker-host", default=None,
+                        help="Docker API to check (default: $DOCKER_HOST, else unix:///run/docker.sock)")
     snap = sub.add_parser("snapshot", parents=[common], help="create|list|rollback|remove snapshots")
     snap.add_argument("action", choices=["create", "list", "rollback", "remove"])
     snap.add_argument("target", help="<volume>@<snapshot> (just <volume> for list)")
@@ -62,10 +71,12 @@ def main(argv=None) -> None:
 
 
 def _serve(config: dict) -> None:
+    from plugincore.metrics import exporter_for
+    from .metrics import collectors
     from .reconcile import reconcile
     from .service import Services, create_app, embedded_cluster
 
-    setup_logging(config["log_level"])
+    setup_logging(config["log_level"], config["log_format"])
 
     def on_ready():
         # After the socket listens (Docker gives managed plugins ~10 s), before any request is served.
@@ -80,7 +91,8 @@ def _serve(config: dict) -> None:
             log.exception("start-up (cluster or reconciliation) failed")
 
     serve(lambda: create_app(config), config["socket"], workers=config["workers"], threads=config["threads"],
-          log_level=config["log_level"], on_ready=on_ready, name="volplugin")
+          log_level=config["log_level"], on_ready=on_ready, name="volplugin", log_format=config["log_format"],
+          metrics=exporter_for(config, "volplugin", collectors))
 
 
 def _lvm_admin(config: dict, args) -> None:
@@ -109,27 +121,17 @@ def _admin(config: dict, args) -> None:
     if args.command.startswith("lvm-"):
         _lvm_admin(config, args)
         return
+    if args.command == "doctor":  # before Services: the doctor creates nothing and connects to nothing first
+        _doctor(config, args)
+        return
     admin = Admin(Services(config).driver)
     if args.command == "status":
-        rows = admin.status()
+        from .status import collect, render
+        report = collect(admin.driver, admin)
         if args.json:
-            print(json.dumps(rows, indent=2))
-            return
-        print(f"{'VOLUME':24}{'SIZE':>14}  {'FS':6}{'HOLDER':16}{'MOUNTPOINT':40}SNAPSHOTS")
-        for r in rows:
-            st = r.get("Status", {})
-            snaps = ",".join(s["name"] for s in r.get("Snapshots", []))
-            print(f"{r['Name']:24}{st.get('size', ''):>14}  {st.get('fs', ''):6}{r.get('Holder', '') or '-':16}"
-                  f"{r.get('Mountpoint', '') or '-':40}{snaps or r.get('Error', '')}")
-        for pool in admin.pools():
-            where = f"thin pool {pool['vg']}/{pool['thin_pool']}"
-            if "error" in pool:
-                print(f"{where}: {pool['error']}")
-                continue
-            print(f"{where}: data {pool['data_percent']:g}%, metadata {pool['metadata_percent']:g}%, "
-                  f"provisioned {pool['overcommit']:g}x of {pool['size']} bytes")
-            if "warning" in pool:
-                print(f"WARNING: {pool['warning']}")
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            render(report)
     elif args.command == "snapshot":
         volume, _, snap = args.target.partition("@")
         if args.action == "list":
@@ -143,3 +145,13 @@ def _admin(config: dict, args) -> None:
     elif args.command == "break-lock":
         holder = admin.break_lock(args.volume)
         print(f"{args.volume}: lock of {holder.host if holder else 'nobody'} broken")
+
+
+def _doctor(config: dict, args) -> None:
+    import os
+
+    from plugincore.doctor import report
+    from .doctor import checks
+
+    docker_host = args.docker_host or os.environ.get("DOCKER_HOST") or "unix:///run/docker.sock"
+    sys.exit(report(checks(config, docker_host), args.json, sys.stdout))

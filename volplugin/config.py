@@ -3,15 +3,20 @@ import socket
 
 from plugincore import config as _config
 from plugincore.errors import InvalidRequest
+from plugincore.logs import check_format
+from plugincore.metrics import parse_address
 
 BACKENDS = ("rbd", "lvm")
 DEFAULTS = {
     "socket": "/run/docker/plugins/volplugin.sock",
     "state_dir": "/var/lib/volplugin",
+    "mount_root": "",  # where volumes are mounted; "" = <state_dir>/mounts
     "host_id": "",  # empty = this machine's hostname
     "workers": 2,
     "threads": 4,
     "log_level": "info",
+    "log_format": "text",  # text | json (one object per line)
+    "metrics_address": "",  # HOST:PORT of the Prometheus /metrics endpoint; "" = off
     "backends": ["rbd"],  # the storage backends this host serves
     "volume": {
         "backend": "rbd",
@@ -49,6 +54,8 @@ DEFAULTS = {
 def load(path: str | None = None, overrides: dict | None = None, environ=None) -> dict:
     config = _config.load(DEFAULTS, "VOLPLUGIN", path, overrides, environ)
     config["host_id"] = config["host_id"] or socket.gethostname()
+    check_format(config["log_format"])
+    parse_address(config["metrics_address"])
     unknown = [b for b in config["backends"] if b not in BACKENDS]
     if unknown or not config["backends"]:
         raise InvalidRequest(f"backends {config['backends']!r}: choose from {', '.join(BACKENDS)}")

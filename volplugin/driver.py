@@ -9,7 +9,7 @@ import logging
 import os
 
 from plugincore.errors import Conflict, InvalidRequest, NotFound, PluginError
-from . import filesystem
+from . import filesystem, metrics
 from .backends.base import LocalOnlyCatalog, VolumeSpec
 from .options import check_name, parse_from, parse_volume_options
 from .state import CREATING, READY, VolumeState, rfc3339
@@ -184,7 +184,7 @@ class VolumeDriver:
     def _attach_and_mount(self, name: str, volume: dict, caller: str) -> str:
         backend, spec, options = self._backend(volume["options"]), self._spec(name, volume), volume["options"]
         mountpoint = os.path.join(self.mount_root, name)
-        with contextlib.ExitStack() as undo:
+        with metrics.attach_timer(options["backend"]), contextlib.ExitStack() as undo:
             device = backend.attach(spec)
             undo.callback(_quietly, backend.detach, spec)
             filesystem.mount(device, mountpoint, options["fs"])
@@ -210,12 +210,13 @@ class VolumeDriver:
     def _unmount_and_detach(self, name: str) -> None:
         attached = self.state.attachment(name)
         volume = self.state.volume(name)
-        if attached:
-            filesystem.unmount(attached["mountpoint"])
-            with contextlib.suppress(OSError):
-                os.rmdir(attached["mountpoint"])
-        if volume is not None:
-            self._backend(volume["options"]).detach(self._spec(name, volume))
+        with metrics.detach_timer(volume["options"]["backend"] if volume else "unknown"):
+            if attached:
+                filesystem.unmount(attached["mountpoint"])
+                with contextlib.suppress(OSError):
+                    os.rmdir(attached["mountpoint"])
+            if volume is not None:
+                self._backend(volume["options"]).detach(self._spec(name, volume))
         self.state.drop_attachment(name)
         log.info("volume %s unmounted and detached", name)
 

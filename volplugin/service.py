@@ -67,8 +67,9 @@ class Services:
         if backends is None:
             backends = build_backends(config)
         defaults = dict(config["volume"], pool="")  # each backend has its own default pool
+        mount_root = config["mount_root"] or os.path.join(state_dir, "mounts")
         self.driver = VolumeDriver(VolumeState(self.store), LockDir(os.path.join(state_dir, "locks")), backends,
-                                   host_id=config["host_id"], mount_root=os.path.join(state_dir, "mounts"),
+                                   host_id=config["host_id"], mount_root=mount_root,
                                    defaults=defaults, catalog=catalog or shared_catalog(backends))
 
 

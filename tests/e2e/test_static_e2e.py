@@ -142,3 +142,24 @@ def test_dockerd_restart_keeps_containers_connected(physnet, docker, dockerd, pl
     docker("rm", "-f", "c1")
     docker("network", "rm", "pubnet")
     assert_nothing_left(physnet, plugin)
+
+
+def test_status_names_networks_and_containers_through_docker(physnet, docker, dockerd, plugin):
+    """`netplugin status` in the plugin's netns with the lab's dockerd: Docker's names, no drift."""
+    from tests.lab import NETNS_DIR, NSENTER, REPO_ROOT
+
+    create_net(docker, plugin)
+    run_container(docker, "c1", "10.77.0.10")
+    proc = subprocess.run([NSENTER, f"--net={NETNS_DIR}/{dockerd.netns}", sys.executable, "-m", "netplugin",
+                           "status", "--json", "--state-dir", str(plugin.state_dir), "--docker-host", dockerd.host],
+                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert [n["name"] for n in report["networks"]] == ["pubnet"] and report["docker"]["error"] == ""
+    [ep] = report["endpoints"]
+    assert (ep["container"], ep["address"], ep["joined"]) == ("c1", "10.77.0.10/24", True)
+    assert [(p["pool"], p["in_use"], p["size"]) for p in report["pools"]] == [(SUBNET, 2, 254)]  # gateway + c1
+    assert report["drift"] == []
+    docker("rm", "-f", "c1")
+    docker("network", "rm", "pubnet")
+    assert_nothing_left(physnet, plugin)

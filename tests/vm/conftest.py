@@ -26,6 +26,8 @@ Fixtures (each skips on the host):
     netns       a factory of throwaway network namespaces, removed after the test
     wire        (PF, peer netns, netns factory): the igb PF with no VFs enabled, and the wire peer
                 NIC moved into its own namespace with WIRE_PEER_IP/24; VFs disabled afterwards
+    lvm_pool    (module) a loop-backed volume group with a thin pool on 1 GiB (tests/lab/lvm.py),
+                removed with everything in it afterwards
 """
 from __future__ import annotations
 
@@ -181,3 +183,12 @@ def wire(vm, igb_pf, wire_peer, netns):
 
 def _num_vfs(pf: str) -> int:
     return int(Path(f"/sys/class/net/{pf}/device/sriov_numvfs").read_text())
+
+
+@pytest.fixture(scope="module")
+def lvm_pool(vm, tmp_path_factory):
+    from tests.lab.lvm import thin_pool  # imports volplugin: only where a test wants LVM
+
+    vm.modprobe("dm_thin_pool")
+    with thin_pool(tmp_path_factory.mktemp("lvm"), size=2**30) as made:
+        yield made

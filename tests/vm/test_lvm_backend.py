@@ -6,7 +6,6 @@ import subprocess
 import pytest
 
 from plugincore.errors import Conflict, InvalidRequest, NotFound
-from tests.lab.lvm import thin_pool
 from volplugin.backends.base import VolumeSpec
 from volplugin.backends.lvm import SNAPSHOT_TAG, TAG
 
@@ -15,10 +14,8 @@ MiB = 2**20
 
 
 @pytest.fixture(scope="module")
-def pool(vm, tmp_path_factory):
-    vm.modprobe("dm_thin_pool")
-    with thin_pool(tmp_path_factory.mktemp("lvm"), size=1024 * MiB) as made:
-        yield made
+def pool(lvm_pool):
+    return lvm_pool
 
 
 @pytest.fixture

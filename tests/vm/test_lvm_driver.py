@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from tests.lab import plugin_post, sh
-from tests.lab.lvm import thin_pool
 from tests.lab.plugin import Plugin
 from volplugin import config as volconfig
 from volplugin import filesystem
@@ -24,10 +23,8 @@ MiB = 2**20
 
 
 @pytest.fixture(scope="module")
-def pool(vm, tmp_path_factory):
-    vm.modprobe("dm_thin_pool")
-    with thin_pool(tmp_path_factory.mktemp("lvm"), size=1024 * MiB) as made:
-        yield made
+def pool(lvm_pool):
+    return lvm_pool
 
 
 @pytest.fixture

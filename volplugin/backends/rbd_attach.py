@@ -20,6 +20,7 @@ import time
 from plugincore.errors import BackendError, Conflict, NotFound, PluginError
 
 from . import rbd_devices, rbd_host as host, rbd_locks as locks
+from ..metrics import lock_takeover
 from .base import Holder, VolumeSpec
 from .rbd_cluster import rbd
 
@@ -162,6 +163,7 @@ class AttachMixin:
         log.warning("volume %s: taking over from dead host %s (since %s)", name, record["host"], record["since"])
         self.fencer.fence(name, assessment.fence)
         locks.Fencer.break_stale_lock(image, name, assessment.fence)
+        lock_takeover()
         return raw
 
     def _writer_addresses(self, spec: VolumeSpec, known: set[str]) -> list[str]:
