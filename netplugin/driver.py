@@ -83,10 +83,15 @@ class NetworkDriver:
         options = options or {}
         if isinstance(options.get(GENERIC), dict):  # the -o map may come nested, as in CreateNetwork
             options = options[GENERIC]
-        generic = {str(k): v if isinstance(v, str) else str(v) for k, v in options.items()
-                   if not str(k).startswith("com.docker.")}
+        given = {str(k): v if isinstance(v, str) else str(v) for k, v in options.items()}
+        generic = {k: v for k, v in given.items() if not k.startswith("com.docker.")}
         mode = self.modes.get(generic.get("mode"))
-        return {"Options": mode.allocate(network_id, generic, ipv4 or [])}
+        # Host-independent checks only: the parent NIC may exist on the workers, not on this manager.
+        check_known_options(generic, mode.network_options, "network")
+        parse_rates(generic, "network option")
+        # Swarm hands the returned map, not the user's, to CreateNetwork on every node (as the
+        # network's DriverState): keep the user's options and add what was allocated.
+        return {"Options": {**given, **mode.allocate(network_id, generic, ipv4 or [])}}
 
     def free_network(self, network_id: str) -> None:
         check_id(network_id, "NetworkID")

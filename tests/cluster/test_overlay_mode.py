@@ -253,11 +253,11 @@ def test_swarm_allocation_gives_every_node_the_same_overlay(cluster):
     ipv4 = [{"AddressSpace": "global", "Pool": SUBNET, "Gateway": "10.88.0.1/24"}]
     with entered(a.ns):  # the manager
         allocated = a.driver.allocate_network(net, {"mode": "overlay", "parent": "eth0"}, ipv4, [])["Options"]
-    assert allocated == {"overlay": net, "vni": "4096"}
+    # the user's options and what was allocated: swarm gives every node this map, not the user's
+    assert allocated == {"mode": "overlay", "parent": "eth0", "overlay": net, "vni": "4096"}
     for host in (a, b):  # every node gets the allocated options with CreateNetwork
         with entered(host.ns):
-            host.driver.create_network(net, {"com.docker.network.generic": {
-                "mode": "overlay", "parent": "eth0", **allocated}}, ipv4, [])
+            host.driver.create_network(net, {"com.docker.network.generic": allocated}, ipv4, [])
             with IPRoute() as ipr:
                 assert vxlan.vxlan_info(ipr, names.vxlan_name(net))["vni"] == 4096
     with entered(a.ns):

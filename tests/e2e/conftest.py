@@ -14,7 +14,6 @@ the plugin and dockerd logs.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -26,7 +25,7 @@ from tests.lab.image import IMAGE, build_busybox_tar
 from tests.lab.netns import Lab, build_physnet, list_netns, stale_netns
 from tests.lab.pgimage import POSTGRES_IMAGE, build_postgres_tar, import_postgres
 from tests.lab.pgimage import skip_reason as pg_skip_reason
-from tests.lab.plugin import Plugin
+from tests.lab.plugin import Plugin, rbd_volplugin
 
 SKIP_REASON = skip_reason()
 
@@ -192,12 +191,7 @@ def pg_image(dockerd, postgres_tar):
 @pytest.fixture
 def volplugin(dockerd, ceph, tmp_path):
     """volplugin serving a unique driver name on the shared test Ceph cluster, as host "hostA"."""
-    config = tmp_path / "volplugin.toml"
-    config.write_text(f'host_id = "hostA"\n[rbd]\nconf = "{ceph.conf_path}"\npool = "{ceph.pool}"\n'
-                      'fence_grace = 2.0\nconnect_timeout = 5.0\nop_timeout = 15.0\n')
-    p = Plugin(None, tmp_path / "volplugin", name=f"vptest{os.urandom(3).hex()}",
-               command=[sys.executable, "-m", "volplugin"], extra_args=("--config", str(config)))
-    p.config = config
+    p = rbd_volplugin(tmp_path, ceph)
     try:
         p.start()
         yield p

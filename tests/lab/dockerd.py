@@ -29,12 +29,13 @@ class Dockerd:
     """One dockerd in netns ``netns``. ``docker(...)`` runs the CLI against it."""
 
     def __init__(self, netns: str | None, *, log_path: Path | None = None, log_level: str = "info",
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), live_restore: bool = True):
         if netns is None and not in_vm_lane():
             raise RuntimeError("a lab dockerd runs in a lab netns; the initial namespace only in the VM lane")
         self.netns = netns
         self.log_level = log_level
         self.extra_args = list(extra_args)
+        self.live_restore = live_restore  # swarm mode refuses to start with --live-restore
         self.proc: subprocess.Popen | None = None
         self.dirty = False  # set by fixtures when docker's state can't be cleaned: recreate()
         self.image_tar: Path | None = None
@@ -66,8 +67,8 @@ class Dockerd:
         return [*prefix, DOCKERD,
                 "--config-file", str(r / "daemon.json"), "--bridge=none",
                 "--data-root", str(r / "data"), "--exec-root", str(r / "exec"),
-                "-H", self.host, "--pidfile", str(r / "docker.pid"), "--live-restore",
-                f"--log-level={self.log_level}", *self.extra_args]
+                "-H", self.host, "--pidfile", str(r / "docker.pid"),
+                *(["--live-restore"] if self.live_restore else []), f"--log-level={self.log_level}", *self.extra_args]
 
     # -- lifecycle --
     def start(self, timeout: float = 30.0) -> "Dockerd":
@@ -188,9 +189,10 @@ class Dockerd:
 
     # -- CLI --
     def docker(self, *args, check: bool = True, timeout: float = 60.0,
-               input: str | None = None) -> subprocess.CompletedProcess:
-        """``/usr/bin/docker -H unix://D/docker.sock *args``; text CompletedProcess."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+               input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """``/usr/bin/docker -H unix://D/docker.sock *args``; text CompletedProcess. ``env``: extra
+        variables (``docker stack deploy`` substitutes them into the file)."""
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}, **(env or {})}
         env["DOCKER_CONFIG"] = str(self.root / "client")  # never read/write ~/.docker
         return sh([DOCKER, "-H", self.host, *args], check=check, timeout=timeout,
                   input=input, env=env)

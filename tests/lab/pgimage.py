@@ -93,7 +93,8 @@ PASSWD = (f"root:x:0:0:root:/root:/bin/sh\n"
           f"postgres:x:{PG_UID}:{PG_GID}:PostgreSQL administrator:/var/lib/postgresql:/bin/sh\n"
           "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
 GROUP = f"root:x:0:\npostgres:x:{PG_GID}:\nnogroup:x:65534:\n"
-NSSWITCH = "passwd: files\ngroup: files\nshadow: files\nhosts: files\n"
+# hosts: dns too (built into glibc since 2.34): swarm services find each other by name through Docker's DNS
+NSSWITCH = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"
 HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
 
 

@@ -106,3 +106,22 @@ def test_default_pool_is_carved_from_supernet(client):
     _, first = post(client, "/IpamDriver.RequestPool", {"AddressSpace": "local"})
     _, second = post(client, "/IpamDriver.RequestPool", {"AddressSpace": "local"})
     assert (first["Pool"], second["Pool"]) == ("10.200.0.0/24", "10.200.1.0/24")
+
+
+def test_allocate_network_returns_the_users_options(client):
+    # Swarm passes AllocateNetwork's reply, not the request, to CreateNetwork on every node.
+    options = {"mode": "static", "parent": "eth1", "egress": "80mbit", "com.docker.network.driver.mtu": "1400"}
+    status, body = post(client, "/NetworkDriver.AllocateNetwork",
+                        {"NetworkID": "sw" * 12 + "x", "Options": options, "IPv4Data": [], "IPv6Data": []})
+    assert (status, body) == (200, {"Options": options})
+    assert post(client, "/NetworkDriver.FreeNetwork", {"NetworkID": "sw" * 12 + "x"}) == (200, {})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "nosuch"}, "unknown mode 'nosuch'"),
+    ({"parent": "eth1", "colour": "red"}, "unknown network option colour"),
+    ({"parent": "eth1", "egress": "fast"}, "egress"),
+])
+def test_allocate_network_refuses_bad_options_on_the_manager(client, options, message):
+    status, body = post(client, "/NetworkDriver.AllocateNetwork", {"NetworkID": "ab" * 32, "Options": options})
+    assert status == 400 and message in body["Err"], body
