@@ -40,12 +40,14 @@ def reconcile(driver) -> dict:
                 state.drop_endpoint(ep.id)
                 summary["dropped_endpoints"] += 1
             elif ep.sandbox:
-                keep.update(ep.kernel.values())
                 if driver.modes.get(net.mode).repair_endpoint(ipr, net, ep, existing):
+                    keep.update(ep.kernel.values())
                     summary["repaired_endpoints"] += 1
                 else:
-                    # Its container end vanished with it; Docker's Leave/DeleteEndpoint will follow.
+                    # Its container end vanished with it (or a Leave was cut short): not joined any more,
+                    # so its class and set entry go below. Docker's Leave/DeleteEndpoint still succeed.
                     log.warning("endpoint %s lost its interface", ep.id[:12])
+                    state.set_endpoint_join(ep.id, "", {})
                     summary["lost_endpoints"] += 1
         for link in existing.values():
             if names.is_owned(link.name) and link.name not in keep:

@@ -196,9 +196,11 @@ class Shaper:
             except Exception:  # noqa: BLE001 - e.g. the device is gone with its classes
                 log.debug("classes of %s not checked", device, exc_info=True)
         entries = {r["address"]: r["minor"] for r in rows}
-        if entries or tc.classifier_present():
+        if entries:
             tc.ensure_classifier()
             tc.set_entries(entries)
+        elif tc.classifier_present():  # the last class went but the plugin died before the rule did
+            tc.remove_classifier()
         return {"shaped_endpoints": shaped}
 
     def report(self, net, ep) -> dict:

@@ -137,13 +137,18 @@ class NetworkState:
 
     # endpoints
     def put_endpoint(self, ep: Endpoint) -> None:
+        """Record a new endpoint. Never over an existing one: that would forget its veth and traffic
+        class (found by fuzzing: a second CreateEndpoint with the same ID leaked both)."""
         row = asdict(ep)
         for key in _JSON_EP:
             row[key] = json.dumps(row[key])
         row["created_at"] = time.time()
         with self.store.transaction() as db:
-            db.execute(f"INSERT OR REPLACE INTO endpoints ({', '.join(row)}) "
-                       f"VALUES ({', '.join('?' * len(row))})", list(row.values()))
+            try:
+                db.execute(f"INSERT INTO endpoints ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                           list(row.values()))
+            except sqlite3.IntegrityError:
+                raise Conflict(f"endpoint {ep.id[:12]} already exists") from None
 
     def get_endpoint(self, endpoint_id: str) -> Endpoint | None:
         row = self.store.read().execute("SELECT * FROM endpoints WHERE id = ?", (endpoint_id,)).fetchone()

@@ -22,8 +22,20 @@ def reply(payload: dict, status: int = 200) -> Response:
     return Response(json.dumps(payload), status=status, content_type=CONTENT_TYPE)
 
 
+MAX_ERROR = 1000  # characters of an error message; callers' values can be huge
+
+
+def printable_message(message: str) -> str:
+    """``message`` as one printable line of bounded length: errors echo what the caller sent (paths,
+    names, option values), which may hold control characters or megabytes."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message or "unknown error")
+    if len(text) > MAX_ERROR:
+        text = f"{text[:MAX_ERROR]}... ({len(text) - MAX_ERROR} more characters)"
+    return text
+
+
 def error_reply(message: str, status: int) -> Response:
-    message = message or "unknown error"
+    message = printable_message(message)
     return reply({"Err": message, "Error": message}, status)
 
 

@@ -26,14 +26,19 @@ class CommandNotFound(CommandError):
     pass
 
 
+def _check_argv(argv) -> None:
+    # a string is a sequence of str too: "ls -l" would run the program "l"
+    if not isinstance(argv, (list, tuple)) or not argv or not all(isinstance(a, str) for a in argv):
+        raise TypeError("argv must be a non-empty list of str (never a command line: there is no shell)")
+
+
 def run(argv: list[str], *, timeout: float = DEFAULT_TIMEOUT, input: str | None = None,
         check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``argv`` and return the completed process (text output); ``env`` adds variables.
 
     Raises CommandNotFound, CommandTimeout, or CommandError (non-zero exit when ``check``).
     """
-    if not argv or not all(isinstance(a, str) for a in argv):
-        raise TypeError("argv must be a non-empty list of str")
+    _check_argv(argv)
     full_env = dict(os.environ, LC_ALL="C", **(env or {}))  # parsable, untranslated messages
     try:
         proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
@@ -53,8 +58,7 @@ def spawn(argv: list[str], *, env: dict[str, str] | None = None) -> int:
     """Start a long-lived helper (e.g. rbd-fuse) in its own session so it outlives this process, with
     stdio on /dev/null; ``env`` adds variables. Returns its PID: the caller records it to find the
     process again and reaps it (os.waitpid) if it exits while this process lives."""
-    if not argv or not all(isinstance(a, str) for a in argv):
-        raise TypeError("argv must be a non-empty list of str")
+    _check_argv(argv)
     full_env = dict(os.environ, LC_ALL="C", **(env or {}))
     actions = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
     # nothing else inherited: a helper holding e.g. the plugin's listening socket would outlive us

@@ -71,11 +71,20 @@ def prefix_end(prefix: str) -> str:
     return raw.decode()
 
 
+def redact_userinfo(url: str) -> str:
+    """``http://user:secret@host`` -> ``http://***@host``."""
+    scheme, sep, rest = url.rpartition("://")
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
+
+
 def parse_endpoints(text: str) -> list[tuple[str, str, int]]:
     """``http://10.0.0.1:2379,http://10.0.0.2:2379`` -> [(scheme, host, port)]."""
     found = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         url = urllib.parse.urlsplit(item)
+        if "@" in item:  # said without the password: error messages end up in logs
+            raise InvalidRequest(f"etcd endpoint {redact_userinfo(item)!r} carries credentials: etcd "
+                                 "authentication is not supported; keep etcd on a private network")
         if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
             raise InvalidRequest(f"etcd endpoint {item!r} is not like http://HOST:PORT")
         found.append((url.scheme, url.hostname, url.port or 2379))

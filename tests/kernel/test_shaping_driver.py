@@ -156,3 +156,25 @@ def test_removal_leaves_nothing_and_reconcile_rebuilds(lab, driver):
     assert tc.CHAIN not in mangle, mangle
     sets = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True).stdout.split()
     assert tc.SET_NAME not in sets
+
+
+def test_repeated_create_endpoint_is_idempotent_or_refused_and_leaks_nothing(lab, driver):
+    """Found by tests/kernel/test_fuzz_netplugin.py: a second CreateEndpoint with the same ID replaced the
+    joined endpoint's record, and its traffic class and set entry stayed in the kernel for good."""
+    from plugincore.errors import Conflict
+    _network(driver)
+    ep = "e9" * 32
+    first = driver.create_endpoint(NET, ep, {"Address": "10.77.0.5/24"}, {"egress": "5mbit"})
+    driver.join(NET, ep, "/var/run/docker/netns/x")
+    assert list(tc.entries()) == ["10.77.0.5"]
+    assert driver.create_endpoint(NET, ep, {"Address": "10.77.0.5/24"}, {"egress": "5mbit"}) == first
+    with pytest.raises(Conflict, match="already exists with other settings"):
+        driver.create_endpoint(NET, ep, {"Address": "10.77.0.6/24"}, {"egress": "5mbit"})
+    assert driver.state.get_endpoint(ep).sandbox, "the joined endpoint is untouched"
+    driver.leave(NET, ep)
+    driver.delete_endpoint(NET, ep)
+    driver.delete_network(NET)
+    sets = subprocess.run(["ipset", "list", "-o", "save"], capture_output=True, text=True, check=True).stdout
+    assert not [ln for ln in sets.splitlines() if ln.startswith("add ")], sets
+    assert "NETPLUGIN" not in subprocess.run(["iptables-save", "-t", "mangle"], capture_output=True, text=True,
+                                             check=True).stdout

@@ -1,0 +1,157 @@
+"""Leak audits: netplugin's state (its SQLite database, read only) against the kernel of the network
+namespace the calling thread is in, and against what the caller ("Docker") still holds. Every finding is
+one line; an empty list means state, kernel and caller agree.
+
+Independent of the plugin's own `status` drift check: it reads links, bridge ports, HTB classes, the ipset
+and iptables itself, so a bug shared by the plugin's code and its self-check cannot hide here.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import sqlite3
+import subprocess
+
+from pyroute2 import IPRoute
+
+from netplugin.kernel import names
+
+SHAPE_SET, SHAPE_CHAIN, FORWARD_CHAIN = "netplugin-shape", "NETPLUGIN-SHAPE", "NETPLUGIN-FORWARD"
+
+
+def _rows(db_path, sql: str) -> list[dict]:
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute(sql)]
+    except sqlite3.OperationalError as exc:  # a table a fresh plugin has not made yet
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        db.close()
+
+
+def _cmd(argv: list[str]) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+
+
+def _kernel() -> dict:
+    with IPRoute() as ipr:
+        links = {}
+        for link in ipr.get_links():
+            links[link.get_attr("IFLA_IFNAME")] = {"index": link["index"], "master": link.get_attr("IFLA_MASTER"),
+                                                   "up": bool(link["flags"] & 1)}
+        by_index = {v["index"]: k for k, v in links.items()}
+        for info in links.values():
+            info["master"] = by_index.get(info["master"])
+        classes = {}
+        for name, info in links.items():
+            for msg in ipr.get_classes(index=info["index"]):
+                if msg.get_attr("TCA_KIND") == "htb" and msg["handle"] >> 16 == 1 and msg["handle"] & 0xFFFF >= 0x10:
+                    classes[(name, msg["handle"] & 0xFFFF)] = True
+    entries = {}
+    for line in _cmd(["ipset", "save", SHAPE_SET]).splitlines():
+        parts = line.split()
+        if parts[:1] == ["add"]:
+            prio = parts[parts.index("skbprio") + 1] if "skbprio" in parts else "0:0"
+            entries[parts[2]] = int(prio.partition(":")[2] or "0", 16)
+    mangle = [ln for ln in _cmd(["iptables-save", "-t", "mangle"]).splitlines() if ln.startswith(f"-A {SHAPE_CHAIN}")]
+    forward = sorted(ln for ln in _cmd(["iptables-save", "-t", "filter"]).splitlines()
+                     if ln.startswith(f"-A {FORWARD_CHAIN}"))
+    return {"links": links, "classes": classes, "entries": entries, "mangle": mangle, "forward": forward}
+
+
+def audit_netplugin(db_path, *, parents: list[str], held_addresses: set[tuple[str, str]] | None = None) -> list[str]:
+    """Findings for a netplugin whose state is ``db_path``, serving the current netns. ``parents``: the
+    NICs networks may use. ``held_addresses``: {(pool ID, address)} the caller requested and still holds
+    without an endpoint (None: do not audit IPAM addresses)."""
+    nets = {r["id"]: r | {"kernel": json.loads(r["kernel"])} for r in _rows(db_path, "SELECT * FROM networks")}
+    eps = {r["id"]: r | {"kernel": json.loads(r["kernel"])} for r in _rows(db_path, "SELECT * FROM endpoints")}
+    shaped = _rows(db_path, "SELECT * FROM shape_classes")
+    kernel = _kernel()
+    links, found = kernel["links"], []
+
+    bridges = set()
+    for net in nets.values():
+        if net["status"] != "ready":
+            found.append(f"network {net['id'][:12]} left in status {net['status']}")
+        bridge, uplink = net["kernel"].get("bridge"), net["kernel"].get("uplink")
+        if bridge:
+            bridges.add(bridge)
+            if bridge not in links:
+                found.append(f"network {net['id'][:12]}: bridge {bridge} missing")
+            elif uplink and links.get(uplink, {}).get("master") != bridge:
+                found.append(f"network {net['id'][:12]}: parent {uplink} not enslaved to {bridge}")
+    used_parents = {n["kernel"].get("uplink") for n in nets.values()}
+    for parent in parents:
+        if parent not in used_parents and parent in links and links[parent]["master"]:
+            found.append(f"parent {parent} still enslaved to {links[parent]['master']} with no network on it")
+
+    expected_links = set(bridges)
+    for ep in eps.values():
+        if ep["network_id"] not in nets:
+            found.append(f"endpoint {ep['id'][:12]} of a network that is gone")
+        host, peer = names.host_veth_name(ep["id"]), names.peer_veth_name(ep["id"])
+        if ep["sandbox"]:
+            expected_links |= {host, peer}  # the peer stays here: no dockerd moves it into a sandbox
+            bridge = nets.get(ep["network_id"], {}).get("kernel", {}).get("bridge")
+            if host not in links:
+                found.append(f"joined endpoint {ep['id'][:12]}: host veth {host} missing")
+            elif bridge and links[host]["master"] != bridge:
+                found.append(f"joined endpoint {ep['id'][:12]}: {host} not on {bridge}")
+    for name in links:
+        if names.is_owned(name) and name not in expected_links:
+            found.append(f"leaked link {name}")
+
+    wanted_entries, wanted_classes = {}, set()
+    for row in shaped:
+        ep = eps.get(row["endpoint_id"])
+        if ep is None or not ep["sandbox"]:
+            found.append(f"traffic class 1:{row['minor']:x} of endpoint {row['endpoint_id'][:12]}, which is not joined")
+        wanted_entries[row["address"]] = row["minor"]
+        wanted_classes.add((row["device"], row["minor"]))
+    if kernel["entries"] != wanted_entries:
+        found.append(f"ipset {SHAPE_SET}: {kernel['entries']} in the kernel, {wanted_entries} in the state")
+    if set(kernel["classes"]) != wanted_classes:
+        found.append(f"HTB classes: {sorted(kernel['classes'])} in the kernel, {sorted(wanted_classes)} in the state")
+    if bool(kernel["mangle"]) != bool(wanted_entries):
+        found.append(f"mangle chain {SHAPE_CHAIN}: {kernel['mangle']} with {len(wanted_entries)} shaped endpoints")
+    wanted_forward = sorted(f"-A {FORWARD_CHAIN} -i {b} -o {b} -j ACCEPT" for b in bridges)
+    if kernel["forward"] != wanted_forward:
+        found.append(f"{FORWARD_CHAIN}: {kernel['forward']} in the kernel, {wanted_forward} wanted")
+
+    if held_addresses is not None:
+        found += _audit_addresses(db_path, nets, eps, held_addresses)
+    return found
+
+
+def _audit_addresses(db_path, nets: dict, eps: dict, held: set[tuple[str, str]]) -> list[str]:
+    """Every allocated address is a gateway of a pool, an endpoint's, or one the caller holds; and every
+    endpoint's address is allocated."""
+    pools = {r["id"]: ipaddress.ip_network(r["pool"]) for r in _rows(db_path, "SELECT * FROM ipam_pools")}
+    allocated = {}
+    for r in _rows(db_path, "SELECT * FROM ipam_addresses"):  # addr: the address as 32 hex digits
+        family = ipaddress.IPv6Address if pools.get(r["pool_id"], ipaddress.ip_network("::/0")).version == 6 \
+            else ipaddress.IPv4Address
+        allocated[(r["pool_id"], str(family(int(r["addr"], 16))))] = r["kind"]
+
+    def pool_of(address: str) -> str | None:
+        ip = ipaddress.ip_address(address)
+        return next((pid for pid, net in pools.items() if pid.startswith("local/") and ip in net), None)
+
+    found = []
+    accounted = {key for key, kind in allocated.items() if kind == "gateway"} | set(held)
+    for ep in eps.values():
+        if not ep["address"]:
+            continue
+        address = str(ipaddress.ip_interface(ep["address"]).ip)
+        key = (pool_of(address), address)
+        accounted.add(key)
+        if key not in allocated:
+            found.append(f"endpoint {ep['id'][:12]} uses {address}, which IPAM does not hold")
+    for key in sorted(set(allocated) - accounted):
+        found.append(f"leaked address {key[1]} in pool {key[0]}")
+    for key in sorted(set(held) - set(allocated)):
+        found.append(f"address {key[1]} the caller holds is free in pool {key[0]}")
+    return found
