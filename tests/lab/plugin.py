@@ -186,14 +186,15 @@ class Plugin:
         return tail(self.log, lines)
 
 
-def rbd_volplugin(workdir: Path, ceph, *, prefix: str = "vptest") -> Plugin:
+def rbd_volplugin(workdir: Path, ceph, *, prefix: str = "vptest", op_timeout: float = 15.0) -> Plugin:
     """volplugin (not started) serving a unique driver name on the test Ceph ``ceph`` as host "hostA",
     in the root netns (dockerd's mount namespace; the cluster listens on its loopback). ``.config``: its TOML."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "volplugin.toml"
     config.write_text(f'host_id = "hostA"\n[rbd]\nconf = "{ceph.conf_path}"\npool = "{ceph.pool}"\n'
-                      'fence_grace = 2.0\nconnect_timeout = 5.0\nop_timeout = 15.0\n')
+                      'fence_grace = 2.0\nconnect_timeout = 5.0\n'
+                      f'op_timeout = {op_timeout}\n')
     plugin = Plugin(None, workdir / "volplugin", name=f"{prefix}{secrets.token_hex(3)}",
                     command=[sys.executable, "-m", "volplugin"], extra_args=("--config", str(config)))
     plugin.config = config
