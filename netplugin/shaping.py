@@ -200,7 +200,7 @@ class Shaper:
             tc.ensure_classifier()
             tc.set_entries(entries)
         elif tc.classifier_present():  # the last class went but the plugin died before the rule did
-            tc.remove_classifier()
+            tc.remove_classifier(force=True)  # with any stale members: no class is wanted
         return {"shaped_endpoints": shaped}
 
     def report(self, net, ep) -> dict:

@@ -27,12 +27,13 @@ def _parallel(fn, items):
 def test_parallel_creates_of_one_name_agree_or_conflict(hosts):
     a, _ = hosts
     same, differing = "cs" + uuid.uuid4().hex[:8], "cd" + uuid.uuid4().hex[:8]
-    replies = _parallel(lambda _: a.call("/VolumeDriver.Create", {"Name": same, "Opts": {"size": "256M", "fs": "ext4"}}),
-                        range(THREADS))
+    opts = {"size": "256M", "fs": "ext4"}
+    replies = _parallel(lambda _: a.call("/VolumeDriver.Create", {"Name": same, "Opts": opts}), range(THREADS))
     assert all(not r.get("Err") for r in replies), replies
 
     sizes = [f"{256 + 64 * i}M" for i in range(THREADS)]
-    replies = _parallel(lambda s: a.call("/VolumeDriver.Create", {"Name": differing, "Opts": {"size": s, "fs": "ext4"}}), sizes)
+    replies = _parallel(lambda s: a.call("/VolumeDriver.Create", {"Name": differing, "Opts": {**opts, "size": s}}),
+                        sizes)
     won = [s for s, r in zip(sizes, replies) if not r.get("Err")]
     assert len(won) == 1, replies
     assert all("already exists" in r["Err"] for r in replies if r.get("Err")), replies
@@ -97,7 +98,8 @@ def test_a_stalled_ceph_does_not_block_unrelated_requests(own_ceph, tmp_path):
     stalled = []
     try:
         for name in ("slowa", "slowb"):
-            assert not plugin.call("/VolumeDriver.Create", {"Name": name, "Opts": {"size": "128M", "fs": "ext4"}}).get("Err")
+            reply = plugin.call("/VolumeDriver.Create", {"Name": name, "Opts": {"size": "128M", "fs": "ext4"}})
+            assert not reply.get("Err"), reply
         mountpoint = plugin.call("/VolumeDriver.Mount", {"Name": "slowb", "ID": "b1"})["Mountpoint"]
         for osd in osds:
             osd.signal(signal.SIGSTOP)

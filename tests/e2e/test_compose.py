@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from netplugin.kernel import shaping as tc
-from tests.lab import REPO_ROOT
+from tests.lab import REPO_ROOT, wait_until
 from tests.lab.pgimage import psql, wait_pg_ready
 
 pytestmark = pytest.mark.e2e
@@ -58,20 +57,6 @@ def _volumes(volplugin) -> list[str]:
                            "--state-dir", str(volplugin.state_dir)], capture_output=True, text=True, timeout=120,
                           check=True, cwd=REPO_ROOT)
     return [v["name"] for v in json.loads(proc.stdout)["volumes"]]
-
-
-def _classes(physnet) -> list[int]:
-    """Rates of the per-endpoint HTB classes on hosta's eth1."""
-    out = physnet.lab.sh(physnet.hosta, ["tc", "class", "show", "dev", "eth1"]).stdout
-    return sorted(tc.parse_rate(line.split(" rate ")[1].split()[0]) for line in out.splitlines()
-                  if " parent 1:1 " in line)
-
-
-def _wait(predicate, timeout=15.0, what=""):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def _net(docker, container: str) -> dict:
@@ -125,15 +110,17 @@ def test_compose_up_down_up_keeps_data_and_addresses(physnet, dockerd, docker, p
     assert ready.returncode == 0 and "accepting connections" in ready.stdout, ready.stdout + ready.stderr
     assert docker("exec", "-u", "0", client, "ping", "-c", "1", "-W", "2", DB_IP, check=False).returncode == 0  # image: uid 999
     assert physnet.lab.ping(physnet.hostb, DB_IP) and physnet.lab.ping(physnet.hostb, CLIENT_IP)
-    _wait(lambda: "accepting connections" in docker("logs", client).stdout, what="the client's loop")
+    wait_until(lambda: "accepting connections" in docker("logs", client).stdout, 15.0, "the client's loop",
+               interval=0.2)
 
     # Per-container rates from the services' labels (the plugin's label watcher), over the network default.
-    _wait(lambda: _classes(physnet) == [30_000_000, 80_000_000], what="the label's HTB class")
+    wait_until(lambda: physnet.leaf_rates() == [30_000_000, 80_000_000], 15.0, "the label's HTB class",
+               interval=0.2)
     endpoints = {e["id"]: e for e in _status(plugin)["endpoints"]}
     db_ep, client_ep = endpoints[db_net["EndpointID"]], endpoints[client_net["EndpointID"]]
     assert (db_ep["egress"], db_ep["ingress"]) == ("30mbit (label)", "")
-    _wait(lambda: {e["id"]: e for e in _status(plugin)["endpoints"]}[client_net["EndpointID"]]["ingress"]
-          == "20mbit (label)", what="the client's ingress label")
+    wait_until(lambda: {e["id"]: e for e in _status(plugin)["endpoints"]}[client_net["EndpointID"]]["ingress"]
+               == "20mbit (label)", 15.0, "the client's ingress label", interval=0.2)
     assert client_ep["egress"] == "80mbit (network)"
 
     # `up -d` again while it runs: nothing to change (v1 compares the existing network's driver and options).
@@ -152,7 +139,7 @@ def test_compose_up_down_up_keeps_data_and_addresses(physnet, dockerd, docker, p
     assert volume in docker("volume", "ls", "-q").stdout.split()  # the data stays
     state = _status(plugin)
     assert state["networks"] == [] and state["endpoints"] == []
-    assert _classes(physnet) == []
+    assert physnet.leaf_rates() == []
 
     start = time.monotonic()
     compose("up", "-d", timeout=180)
@@ -162,7 +149,8 @@ def test_compose_up_down_up_keeps_data_and_addresses(physnet, dockerd, docker, p
     assert psql(docker, db, "SELECT count(*), sum(n) FROM t") == "100|5050"
     assert (_net(docker, db)["IPAddress"], _net(docker, client)["IPAddress"]) == (DB_IP, CLIENT_IP)
     assert docker("exec", client, "pg_isready", "-h", DB_IP, "-p", "5432", check=False).returncode == 0
-    _wait(lambda: _classes(physnet) == [30_000_000, 80_000_000], what="the label's HTB class after up")
+    wait_until(lambda: physnet.leaf_rates() == [30_000_000, 80_000_000], 15.0, "the label's HTB class after up",
+               interval=0.2)
 
     start = time.monotonic()
     compose("down", "-v", timeout=120)

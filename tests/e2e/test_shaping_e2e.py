@@ -11,7 +11,7 @@ import time
 import pytest
 
 from netplugin.kernel import shaping as tc
-from tests.lab import REPO_ROOT
+from tests.lab import REPO_ROOT, wait_until
 from tests.lab.image import IMAGE
 from tests.lab.plugin import Plugin
 
@@ -34,20 +34,6 @@ def shaping_plugin(dockerd, tmp_path):
         dockerd.remove_networks(driver=p.name, timeout=30)
     finally:
         p.destroy()
-
-
-def _classes(physnet) -> list[int]:
-    """Rates of the per-endpoint HTB classes on hosta's eth1 (the leaves under 1:1)."""
-    out = physnet.lab.sh(physnet.hosta, ["tc", "class", "show", "dev", "eth1"]).stdout
-    return sorted(tc.parse_rate(line.split(" rate ")[1].split()[0]) for line in out.splitlines()
-                  if " parent 1:1 " in line)
-
-
-def _wait(predicate, timeout=10.0, what=""):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def _iperf_mbit(physnet, docker, container, seconds=3) -> float:
@@ -79,7 +65,7 @@ def test_rates_from_network_label_option_and_live_change(physnet, dockerd, docke
     docker("run", "-d", "--network", "shaped", "--ip", "10.77.0.10", "--name", "plain", IMAGE, "sleep", "3600")
     docker("run", "-d", "--network", "shaped", "--ip", "10.77.0.11", "--label", "netplugin.egress=30mbit",
            "--name", "labelled", IMAGE, "sleep", "3600")
-    _wait(lambda: _classes(physnet) == [30_000_000, 80_000_000], what="the label's class")
+    wait_until(lambda: physnet.leaf_rates() == [30_000_000, 80_000_000], 10.0, "the label's class", interval=0.1)
     got = _iperf_mbit(physnet, docker, "labelled")
     print(f"label 30mbit: {got:.1f} Mbit/s")
     assert abs(got - 30) <= 3, got
@@ -91,7 +77,7 @@ def test_rates_from_network_label_option_and_live_change(physnet, dockerd, docke
     docker("network", "disconnect", "shaped", "opt")
     docker("network", "connect", "--ip", "10.77.0.12", "--driver-opt", "egress=20mbit", "shaped", "opt")
     docker("start", "opt")
-    _wait(lambda: 20_000_000 in _classes(physnet), what="the option's class")
+    wait_until(lambda: 20_000_000 in physnet.leaf_rates(), 10.0, "the option's class", interval=0.1)
 
     # a live change on the running container, by name, through the CLI
     shape = subprocess.run([sys.executable, "-m", "netplugin", "shape", "labelled", "--egress", "10mbit",
@@ -108,7 +94,7 @@ def test_rates_from_network_label_option_and_live_change(physnet, dockerd, docke
     assert bad.returncode == 2 and "not a rate" in bad.stderr, bad.stderr
 
     docker("rm", "-f", "plain", "labelled", "opt")
-    assert _classes(physnet) == []
+    assert physnet.leaf_rates() == []
     docker("network", "rm", "shaped")
     mangle = physnet.lab.sh(physnet.hosta, ["iptables", "-t", "mangle", "-S"]).stdout
     assert tc.CHAIN not in mangle

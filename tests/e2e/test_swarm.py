@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.lab import REPO_ROOT, remove_tree
+from tests.lab import REPO_ROOT, remove_tree, wait_until
 from tests.lab.dockerd import Dockerd
 from tests.lab.image import IMAGE, build_busybox_tar
 from tests.lab.managed import ManagedPlugin, build_plugins, build_skip_reason
@@ -120,13 +120,6 @@ def volume_calls(sw, volume: str) -> list[tuple[str, str]]:
             if m and m[2] == volume]
 
 
-def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 # --- tests ----------------------------------------------------------------------------------------------
 
 def test_stack_example_keeps_the_database_across_update_and_redeploy(sw, network):
@@ -136,8 +129,8 @@ def test_stack_example_keeps_the_database_across_update_and_redeploy(sw, network
     env = {"PG_IMAGE": sw.pg_image, "VOLPLUGIN": sw.vp.name, "NETWORK": network, "PG_SIZE": "1G",
            "CLIENT_REPLICAS": "2"}
     # Global scope: the manager allocated the network once, and returned the user's options with it.
-    wait_for(lambda: plugin_calls(sw, "AllocateNetwork"), "AllocateNetwork (the manager's allocator runs after "
-             "`network create` returns)")
+    wait_until(lambda: plugin_calls(sw, "AllocateNetwork"), 60, "AllocateNetwork (the manager's allocator runs "
+               "after `network create` returns)", interval=0.5)
 
     def deploy():
         docker("stack", "deploy", "--resolve-image", "never", "-c", str(STACK), stack, env=env, timeout=120)
@@ -161,8 +154,8 @@ def test_stack_example_keeps_the_database_across_update_and_redeploy(sw, network
     assert net["parent"] == "eth1" and "egress" in net["options"], net
     # the client finds the database by service name (dnsrr: the task's own address) and scales
     clients = swarm.wait_running(client, 2)
-    wait_for(lambda: "db:5432 - accepting connections" in docker("logs", clients[0]).stdout,
-             "the client's pg_isready -h db")
+    wait_until(lambda: "db:5432 - accepting connections" in docker("logs", clients[0]).stdout, 60,
+               "the client's pg_isready -h db", interval=0.5)
     docker("service", "scale", "--detach", f"{client}=3")
     clients = swarm.wait_running(client, 3)
     addresses = {address_of(sw, c, network) for c in clients} | {address}
@@ -200,7 +193,8 @@ def test_scaled_service_shares_its_volume_and_start_first_update_keeps_it(sw, ne
     docker("service", "scale", "--detach", f"{service}=3")
     tasks = swarm.wait_running(service, 3)
     # one volume, mounted once on this node for all three tasks
-    wait_for(lambda: len(docker("exec", tasks[0], "cat", "/data/members").stdout.split()) == 3, "3 members")
+    wait_until(lambda: len(docker("exec", tasks[0], "cat", "/data/members").stdout.split()) == 3, 60, "3 members",
+               interval=0.5)
     status = volume_status(sw, volume)
     assert len(status["Status"]["containers"]) == 3 and status["Mountpoint"]
     addresses = [address_of(sw, t, network) for t in tasks]
@@ -237,9 +231,9 @@ def test_network_lifecycle_allocates_and_frees_on_the_manager(sw):
     allocated, freed = len(plugin_calls(sw, "AllocateNetwork")), len(plugin_calls(sw, "FreeNetwork"))
     docker("network", "create", "-d", sw.np.name, "--ipam-driver", sw.np.name, "--scope", "swarm",
            "--subnet", SUBNET, "--gateway", GW, "-o", "parent=eth1", name)
-    wait_for(lambda: len(plugin_calls(sw, "AllocateNetwork")) == allocated + 1, "AllocateNetwork")
+    wait_until(lambda: len(plugin_calls(sw, "AllocateNetwork")) == allocated + 1, 60, "AllocateNetwork", interval=0.5)
     docker("network", "rm", name)
-    wait_for(lambda: len(plugin_calls(sw, "FreeNetwork")) == freed + 1, "FreeNetwork")
+    wait_until(lambda: len(plugin_calls(sw, "FreeNetwork")) == freed + 1, 60, "FreeNetwork", interval=0.5)
     status = np_status(sw)
     assert status["networks"] == [] and status["pools"] == []
 
@@ -283,7 +277,8 @@ def test_local_scope_plugin_serves_swarm_through_a_config_only_network(sw):
         swarm.wait_gone(service)
         docker("network", "rm", name)
         # the node drops its copy of the network asynchronously; until then the config network is "in use"
-        wait_for(lambda: docker("network", "rm", config, check=False).returncode == 0, f"network rm {config}")
+        wait_until(lambda: docker("network", "rm", config, check=False).returncode == 0, 60, f"network rm {config}",
+                   interval=0.5)
         assert np_status(sw)["networks"] == []
     finally:
         np.disable(force=True)

@@ -261,6 +261,13 @@ class Physnet:
         """10.77.0.<host>."""
         return f"10.77.0.{host}"
 
+    def leaf_rates(self, dev: str = "eth1") -> list[int]:
+        """Rates (bit/s, sorted) of netplugin's per-endpoint HTB classes (the leaves under 1:1) on hosta's ``dev``."""
+        from netplugin.kernel.shaping import parse_rate
+        out = self.lab.sh(self.hosta, ["tc", "class", "show", "dev", dev]).stdout
+        return sorted(parse_rate(line.split(" rate ")[1].split()[0]) for line in out.splitlines()
+                      if " parent 1:1 " in line)
+
     def restore_hosta(self) -> list[str]:
         """Undo what a test left in hosta: delete links that weren't there after build(), bring
         the parents back up with their MTU and without addresses. Returns the deleted names."""

@@ -12,6 +12,7 @@ import json
 import sys
 import time
 
+from . import wait_until
 from .dockerd import Dockerd
 
 MANAGER_ADDRESS = "192.0.2.10"
@@ -80,7 +81,8 @@ class Swarm:
     def wait_gone(self, service: str, timeout: float = 120.0) -> None:
         """After ``service rm``: wait until its containers are removed (the worker does it asynchronously)."""
         def gone():
-            return not self.docker("ps", "-aq", "--filter", f"label=com.docker.swarm.service.name={service}").stdout.strip()
+            label = f"label=com.docker.swarm.service.name={service}"
+            return not self.docker("ps", "-aq", "--filter", label).stdout.strip()
         _wait(gone, timeout, lambda: f"the containers of removed service {service}")
 
     def task_table(self, service: str) -> str:
@@ -112,10 +114,11 @@ def teardown(daemon: Dockerd | None, swarm: Swarm | None, managed_plugins: list)
         plugin.forget()
 
 
-def _wait(predicate, timeout: float, what, interval: float = 0.5) -> float:
+def _wait(predicate, timeout: float, what) -> float:
+    """wait_until with the message built only on a timeout (``what()`` asks the daemon for details)."""
     start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what()}")
-        time.sleep(interval)
+    try:
+        wait_until(predicate, timeout, "it", interval=0.5)
+    except TimeoutError:
+        raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what()}") from None
     return time.monotonic() - start

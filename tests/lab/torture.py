@@ -39,6 +39,7 @@ class NetTorture:
         # deletes them for good when it starts again (libnetwork's cleanup of stale endpoints)
         self.stale: dict[str, dict] = {}
         self.orphans: set[str] = set()  # IDs a lost rollback call left behind (see quietly)
+        self.deleting: set[str] = set()  # networks whose DeleteNetwork reply was lost: `rm` is repeated
         self.lost_addresses: dict[str, int] = {}  # pool ID -> RequestAddress replies lost in a kill
         self.lost_pools = 0  # RequestPool replies lost in a kill
         self.counts = {"operations": 0, "failed operations": 0, "kills between": 0, "kills during": 0,
@@ -59,7 +60,7 @@ class NetTorture:
                     raise
                 self.counts["retried requests"] += 1
                 time.sleep(0.05)
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+            except (http.client.HTTPException, OSError) as exc:  # sent, then cut off: reset, EOF, half a reply
                 self.trace.append((route, body.get("NetworkID") or body.get("PoolID"), "lost"))
                 if route in ("/IpamDriver.RequestAddress", "/IpamDriver.ReleaseAddress"):
                     # either way Docker cannot know whether the address is allocated: it forgets it
@@ -68,7 +69,8 @@ class NetTorture:
                     self.lost_pools += 1
                 raise LostReply(f"{route}: {exc}") from None
         self.counts["requests"] += 1
-        self.trace.append((route, body.get("NetworkID") or body.get("PoolID"), status))
+        self.trace.append((route, body.get("EndpointID") or body.get("NetworkID") or body.get("PoolID"), status,
+                           body.get("Address") or reply.get("Address")))
         if status != 200:
             raise RuntimeError(f"{route} {body} -> {status} {reply}")
         return reply
@@ -95,8 +97,8 @@ class NetTorture:
                                                      "Options": {}, "V6": False})["PoolID"]
         gateway = None
         try:
-            gateway = self.call("/IpamDriver.RequestAddress", {
-                "PoolID": pool, "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}})["Address"]
+            gateway = self.call("/IpamDriver.RequestAddress", {"PoolID": pool, "Address": "", "Options": {
+                "RequestAddressType": "com.docker.network.gateway"}})["Address"]
             generic = {"parent": parent, **({"egress": "20mbit"} if self.rng.random() < 0.3 else {})}
             self.call("/NetworkDriver.CreateNetwork", {
                 "NetworkID": net_id, "Options": {"com.docker.network.generic": generic},
@@ -115,8 +117,14 @@ class NetTorture:
         if not idle:
             return self.stop_container()
         net_id = self.rng.choice(idle)
-        # dockerd keeps a network whose DeleteNetwork failed (`docker network rm` fails): tried again later
-        self.call("/NetworkDriver.DeleteNetwork", {"NetworkID": net_id})
+        # dockerd keeps a network whose DeleteNetwork failed (`docker network rm` fails): tried again later.
+        # Until then the plugin may or may not have deleted it.
+        try:
+            self.call("/NetworkDriver.DeleteNetwork", {"NetworkID": net_id})
+        except LostReply:
+            self.deleting.add(net_id)
+            raise
+        self.deleting.discard(net_id)
         net = self.networks.pop(net_id)
         self.quietly("/IpamDriver.ReleaseAddress", {"PoolID": net["pool"], "Address": net["gateway"].split("/")[0]})
         self.quietly("/IpamDriver.ReleasePool", {"PoolID": net["pool"]})
@@ -124,7 +132,10 @@ class NetTorture:
     def run_container(self) -> None:
         if not self.networks:
             return self.create_network()
-        net_id = self.rng.choice(sorted(self.networks))
+        usable = sorted(set(self.networks) - self.deleting)  # a user repeats `network rm` before using it
+        if not usable:
+            return self.delete_network()
+        net_id = self.rng.choice(usable)
         pool, ep_id = self.networks[net_id]["pool"], self._id()
         address = self.call("/IpamDriver.RequestAddress", {"PoolID": pool, "Address": "", "Options": None})["Address"]
         options = {"egress": f"{self.rng.choice([5, 10, 40])}mbit"} if self.rng.random() < 0.5 else {}
@@ -195,6 +206,8 @@ class NetTorture:
         except (LostReply, RuntimeError) as exc:
             self.counts["failed operations"] += 1
             errors.append(exc)
+        except Exception as exc:  # noqa: BLE001 - anything else is the harness's or the plugin's bug
+            self.findings.append(f"{op.__name__} raised {exc.__class__.__name__}: {exc}")
 
     def kill_and_restart(self) -> None:
         self.trace.append(("kill", None, None))
@@ -231,7 +244,7 @@ class NetTorture:
         rows = {r[0]: r[1] for r in self.plugin.state_rows("SELECT id, status FROM networks")}
         joined = {r[0]: r[1] for r in self.plugin.state_rows("SELECT id, sandbox FROM endpoints")}
         found = [f"Docker's network {n[:12]} is {rows.get(n, 'unknown to the plugin')}"
-                 for n in self.networks if rows.get(n) != "ready"]
+                 for n in self.networks if rows.get(n) != "ready" and n not in self.deleting]
         found += [f"Docker's endpoint {e[:12]} is {'not joined' if e in joined else 'unknown to the plugin'}"
                   for e in self.endpoints if not joined.get(e)]
         extra_nets = set(rows) - set(self.networks) - self.orphans
