@@ -152,19 +152,50 @@ class VolumeDriver:
         finally:
             backend.detach(spec)
 
+    def undo_unfinished_create(self, name: str) -> None:
+        """A Create cut off by a crash leaves its row "creating" (and maybe an image). Docker got no
+        answer, so the volume is not its: finished if its record reached the shared catalog (other
+        hosts may use it already), removed otherwise. Call with the volume's lock held."""
+        volume = self.state.volume(name)
+        if volume is None or volume["status"] != CREATING:
+            return
+        record = self._catalog(volume["options"]).catalog_get(name)
+        if record is not None:
+            self.state.put_volume(name, record["options"], record["backend_data"], READY, record["created_at"])
+            log.warning("volume %s: its creation was cut off after it was complete; kept", name)
+            return
+        log.warning("volume %s: its creation was cut off; removing what it made", name)
+        self._backend(volume["options"]).remove(self._spec(name, volume))
+        self.state.drop_volume(name)
+
     def remove(self, name: str) -> None:
         check_name(name)
         with self._lock(name):
+            self.undo_unfinished_create(name)
             volume = self._find(name)
             if volume is None:
                 log.warning("Remove of unknown volume %s: nothing to do", name)
                 return
-            callers = self.state.callers(name)
-            if callers or self.state.attachment(name):
-                raise Conflict(f"volume {name} is mounted on this host by {len(callers)} container(s)")
+            self._release_stale_mount(name)
             self._backend(volume["options"]).remove(self._spec(name, volume))
             self._catalog(volume["options"]).catalog_delete(name)
             self.state.drop_volume(name)
+
+    def _release_stale_mount(self, name: str) -> None:
+        """Docker sends Remove only for a volume no container of its own refers to, so mount IDs still
+        recorded here are stale: a Mount whose reply a crash cut off (Docker never learnt the ID, so
+        never unmounts it) or an Unmount that never came. They are dropped and the volume unmounted,
+        unless a process in another mount namespace (a container) still has the filesystem."""
+        callers, attached = self.state.callers(name), self.state.attachment(name)
+        if not callers and not attached:
+            return
+        users = filesystem.used_in_other_namespaces(attached["mountpoint"]) if attached else []
+        if users:
+            raise Conflict(f"volume {name} is mounted on this host by {len(callers)} container(s) and still "
+                           f"in use (process {users[0]} has it mounted)")
+        log.warning("Remove of %s: dropping %d mount ID(s) Docker no longer holds (%s) and unmounting it",
+                    name, len(callers), ", ".join(c[:12] for c in callers))
+        self._unmount_and_detach(name)
 
     # Mount / Unmount
     def mount(self, name: str, caller: str) -> str:

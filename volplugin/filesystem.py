@@ -47,6 +47,30 @@ def mount_source(mountpoint: str) -> str | None:
     return None
 
 
+def used_in_other_namespaces(mountpoint: str) -> list[int]:
+    """PIDs (one per mount namespace) of processes outside this mount namespace that have the
+    filesystem mounted at ``mountpoint`` mounted too: a running container's copy of a volume mount.
+    Only what this PID namespace shows (a managed plugin sees its own processes only)."""
+    try:
+        st = os.stat(mountpoint)
+        own_ns = os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return []
+    device, seen, found = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", {own_ns}, []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+            if ns in seen:
+                continue
+            seen.add(ns)
+            with open(f"/proc/{pid}/mountinfo") as f:
+                if any(line.split()[2] == device for line in f):
+                    found.append(int(pid))
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+    return found
+
+
 def unescape(path: str) -> str:
     return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 

@@ -1,13 +1,15 @@
 """Start-up reconciliation of mount accounting with /proc/self/mountinfo and the backends.
 
 Saved state alone is never trusted (docker-lvm-plugin#24): an attachment whose filesystem is no longer
-mounted has lost its containers (host reboot, manual umount) and is released; a mount or backend
-attachment that no state explains (a crash between steps) is undone.
+mounted has lost its containers (host reboot, manual umount) and is released, and so is one left with no
+caller (the last Unmount cut off before it unmounted); a mount or backend
+attachment that no state explains (a crash between steps) is undone, and so is a Create a crash cut off
+(finished instead if its record reached the shared catalog).
 """
 import logging
 import os
 
-from . import filesystem
+from . import filesystem, state as state_module
 
 log = logging.getLogger("volplugin.reconcile")
 
@@ -17,11 +19,15 @@ def reconcile(driver) -> dict:
     state = driver.state
     for attached in state.attachments():
         name = attached["volume"]
-        if filesystem.mount_source(attached["mountpoint"]) is not None:
+        mounted = filesystem.mount_source(attached["mountpoint"]) is not None
+        if mounted and state.callers(name):
             summary["kept"] += 1
             continue
-        log.warning("volume %s is no longer mounted: releasing it and its %d caller(s)", name,
-                    len(state.callers(name)))
+        if mounted:  # the last Unmount dropped its caller, then the plugin died before unmounting
+            log.warning("volume %s is mounted with no caller left: finishing its last Unmount", name)
+        else:
+            log.warning("volume %s is no longer mounted: releasing it and its %d caller(s)", name,
+                        len(state.callers(name)))
         try:
             driver._unmount_and_detach(name)
             summary["released"] += 1
@@ -53,6 +59,15 @@ def reconcile(driver) -> dict:
             log.exception("cleaning up the %s backend's orphans failed", backend.name)
             continue
         summary["orphan_attachments"] += len(cleaned)
+    summary["unfinished_creates"] = 0
+    for volume in state.volumes():  # after the cleanups above: the image has no attachment left
+        if volume["status"] == state_module.CREATING:
+            try:
+                with driver._lock(volume["name"]):
+                    driver.undo_unfinished_create(volume["name"])
+                summary["unfinished_creates"] += 1
+            except Exception:  # noqa: BLE001 - retried at the next start or by a Remove
+                log.exception("could not undo the unfinished creation of volume %s", volume["name"])
     log.info("reconciled: %s", summary)
     return summary
 

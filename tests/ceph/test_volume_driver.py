@@ -3,12 +3,13 @@ RBD backend and a real single-node Ceph; two "hosts" are two driver instances wi
 identity and state directory."""
 import os
 import stat
+import subprocess
 import uuid
 
 import pytest
 
 from plugincore.errors import Conflict, NotFound
-from tests.lab import sh
+from tests.lab import sh, wait_for_own_mount_namespace
 from tests.lab.rbd import Hosts
 from volplugin import config as volconfig
 from volplugin import filesystem
@@ -171,8 +172,14 @@ def test_create_remove_rules(cluster):
     with pytest.raises(NotFound, match="source volume"):
         a.create(cluster.name(), {"from": "nosuchvolume@s1"})
     a.mount(name, "c1")
-    with pytest.raises(Conflict, match="mounted"):
-        a.remove(name)
+    holder = subprocess.Popen(["unshare", "--mount", "sleep", "300"])  # a container's copy of the mount
+    try:
+        wait_for_own_mount_namespace(holder.pid)
+        with pytest.raises(Conflict, match="mounted on this host by 1 container.* still in use"):
+            a.remove(name)
+    finally:
+        holder.kill()
+        holder.wait()
     a.unmount(name, "c1")
     a.remove(name)
     a.remove(name)  # unknown now: success

@@ -1,6 +1,7 @@
 """Crash-injection torture of a served netplugin (tests/lab/torture.py): TORTURE_OPS random operations as
 dockerd makes them (200 in the suite; `bash bench/torture.sh` runs 1,000), with kill -9 of the whole plugin
-between and in the middle of requests and restarts, an audit of state against kernel and "Docker" after
+between and in the middle of requests and restarts, on static networks (a parent NIC each) and VXLAN overlay
+networks (VNIs from the plugin's own registry), an audit of state against kernel and "Docker" after
 every round of 25 and at the end, once everything was removed. Prints the counts of operations, faults and
 findings; any finding fails the test."""
 import json
@@ -19,11 +20,16 @@ ROUND = 25
 def test_kill_9_at_random_points_leaks_nothing(lab, tmp_path):
     with IPRoute() as ipr:  # a second parent NIC, so that two networks can live side by side
         ipr.link("add", ifname="eth2", kind="veth", peer={"ifname": "r1", "net_ns_fd": lab.router})
+        # and an underlay with an address for VXLAN overlay networks (any number, a VNI each)
+        ipr.link("add", ifname="eth3", kind="veth", peer={"ifname": "r3", "net_ns_fd": lab.router})
+        eth3 = ipr.link_lookup(ifname="eth3")[0]
+        ipr.addr("add", index=eth3, address="10.88.0.2", prefixlen=24)
+        ipr.link("set", index=eth3, state="up")
     seed = int(os.environ.get("TORTURE_SEED", random.randrange(1 << 30)))
     operations = int(os.environ.get("TORTURE_OPS", 200))
     plugin = Plugin(lab.host, tmp_path / "plugin")
     plugin.start()
-    torture = NetTorture(plugin, ["eth1", "eth2"], random.Random(seed))
+    torture = NetTorture(plugin, ["eth1", "eth2"], random.Random(seed), underlay="eth3")
     try:
         for done in range(operations):
             torture.step(fault_rate=0.12)

@@ -288,6 +288,16 @@ def mounts_under(root: Path) -> list[str]:
     return sorted(set(found), key=lambda m: m.count("/"), reverse=True)
 
 
+def wait_for_own_mount_namespace(pid: int, timeout: float = 10.0) -> None:
+    """Until ``pid`` (e.g. ``unshare --mount sleep``: a stand-in for a container holding a copy of a
+    volume mount) runs in a mount namespace other than ours."""
+    own, deadline = os.stat("/proc/self/ns/mnt").st_ino, time.monotonic() + timeout
+    while os.stat(f"/proc/{pid}/ns/mnt").st_ino == own:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} never entered a mount namespace of its own")
+        time.sleep(0.02)
+
+
 def remove_tree(root: Path) -> None:
     """Lazily unmount everything under ``root`` (deepest first), then delete it."""
     for _ in range(3):  # a lazy unmount can uncover a mount underneath

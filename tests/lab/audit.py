@@ -19,7 +19,8 @@ from netplugin.kernel import names
 SHAPE_SET, SHAPE_CHAIN, FORWARD_CHAIN = "netplugin-shape", "NETPLUGIN-SHAPE", "NETPLUGIN-FORWARD"
 
 
-def _rows(db_path, sql: str) -> list[dict]:
+def read_rows(db_path, sql: str) -> list[dict]:
+    """Rows of a plugin's SQLite state, opened read only; [] for a table a fresh plugin has not made yet."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     db.row_factory = sqlite3.Row
     try:
@@ -40,8 +41,12 @@ def _kernel() -> dict:
     with IPRoute() as ipr:
         links = {}
         for link in ipr.get_links():
+            info = link.get_attr("IFLA_LINKINFO")
+            data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+            vni = data.get_attr("IFLA_VXLAN_ID") if info is not None and info.get_attr("IFLA_INFO_KIND") == "vxlan" \
+                and data is not None else None
             links[link.get_attr("IFLA_IFNAME")] = {"index": link["index"], "master": link.get_attr("IFLA_MASTER"),
-                                                   "up": bool(link["flags"] & 1)}
+                                                   "up": bool(link["flags"] & 1), "vni": vni}
         by_index = {v["index"]: k for k, v in links.items()}
         for info in links.values():
             info["master"] = by_index.get(info["master"])
@@ -66,9 +71,9 @@ def audit_netplugin(db_path, *, parents: list[str], held_addresses: set[tuple[st
     """Findings for a netplugin whose state is ``db_path``, serving the current netns. ``parents``: the
     NICs networks may use. ``held_addresses``: {(pool ID, address)} the caller requested and still holds
     without an endpoint (None: do not audit IPAM addresses)."""
-    nets = {r["id"]: r | {"kernel": json.loads(r["kernel"])} for r in _rows(db_path, "SELECT * FROM networks")}
-    eps = {r["id"]: r | {"kernel": json.loads(r["kernel"])} for r in _rows(db_path, "SELECT * FROM endpoints")}
-    shaped = _rows(db_path, "SELECT * FROM shape_classes")
+    nets = {r["id"]: r | {"kernel": json.loads(r["kernel"])} for r in read_rows(db_path, "SELECT * FROM networks")}
+    eps = {r["id"]: r | {"kernel": json.loads(r["kernel"])} for r in read_rows(db_path, "SELECT * FROM endpoints")}
+    shaped = read_rows(db_path, "SELECT * FROM shape_classes")
     kernel = _kernel()
     links, found = kernel["links"], []
 
@@ -88,7 +93,8 @@ def audit_netplugin(db_path, *, parents: list[str], held_addresses: set[tuple[st
         if parent not in used_parents and parent in links and links[parent]["master"]:
             found.append(f"parent {parent} still enslaved to {links[parent]['master']} with no network on it")
 
-    expected_links = set(bridges)
+    found += _audit_vnis(db_path, nets, links)
+    expected_links = set(bridges) | {n["kernel"].get("uplink") for n in nets.values() if n["mode"] == "overlay"}
     for ep in eps.values():
         if ep["network_id"] not in nets:
             found.append(f"endpoint {ep['id'][:12]} of a network that is gone")
@@ -126,12 +132,37 @@ def audit_netplugin(db_path, *, parents: list[str], held_addresses: set[tuple[st
     return found
 
 
+def _audit_vnis(db_path, nets: dict, links: dict) -> list[str]:
+    """The local overlay registry (no etcd) against the overlay networks and their VXLAN links: every
+    VNI allocated has members, every member is a live overlay network with that VNI in its VXLAN link."""
+    found, overlays = [], {i: n for i, n in nets.items() if n["mode"] == "overlay"}
+    members = {}
+    for row in read_rows(db_path, "SELECT vni, name, members FROM overlay_vnis"):
+        ids = set(filter(None, row["members"].split(",")))
+        if not ids:
+            found.append(f"VNI {row['vni']} (overlay {row['name']}) allocated with no member")
+        for net_id in ids:
+            members[net_id] = row["vni"]
+            if net_id not in overlays:
+                found.append(f"VNI {row['vni']} (overlay {row['name']}) keeps network {net_id[:12]}, which is gone")
+    for net_id, net in overlays.items():
+        vni, uplink = net["kernel"].get("vni"), net["kernel"].get("uplink")
+        if net["status"] != "ready":
+            continue
+        if members.get(net_id) != vni:
+            found.append(f"overlay network {net_id[:12]} has VNI {vni}, the registry {members.get(net_id)}")
+        if links.get(uplink, {}).get("vni") != vni:
+            found.append(f"overlay network {net_id[:12]}: VXLAN link {uplink} has VNI "
+                         f"{links.get(uplink, {}).get('vni')}, not {vni}")
+    return found
+
+
 def _audit_addresses(db_path, nets: dict, eps: dict, held: set[tuple[str, str]]) -> list[str]:
     """Every allocated address is a gateway of a pool, an endpoint's, or one the caller holds; and every
     endpoint's address is allocated."""
-    pools = {r["id"]: ipaddress.ip_network(r["pool"]) for r in _rows(db_path, "SELECT * FROM ipam_pools")}
+    pools = {r["id"]: ipaddress.ip_network(r["pool"]) for r in read_rows(db_path, "SELECT * FROM ipam_pools")}
     allocated = {}
-    for r in _rows(db_path, "SELECT * FROM ipam_addresses"):  # addr: the address as 32 hex digits
+    for r in read_rows(db_path, "SELECT * FROM ipam_addresses"):  # addr: the address as 32 hex digits
         family = ipaddress.IPv6Address if pools.get(r["pool_id"], ipaddress.ip_network("::/0")).version == 6 \
             else ipaddress.IPv4Address
         allocated[(r["pool_id"], str(family(int(r["addr"], 16))))] = r["kind"]

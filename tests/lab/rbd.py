@@ -9,7 +9,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from . import end_processes, pids_with_arg, remove_tree, sh, wait_until
+from . import end_processes, mounts_under, pids_with_arg, remove_tree, sh, wait_until
 from volplugin.backends.base import VolumeSpec
 from volplugin.backends.rbd import RbdBackend
 
@@ -71,16 +71,24 @@ class Hosts:
                     errors.append(f"detach {spec.name} on {backend.host_id}: {exc}")
             with contextlib.suppress(Exception):
                 backend.cleanup_orphans()
-        # last resort: whatever still runs, is mounted or looped under our root
-        for proc in pids_with_arg(str(self.root)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, 9)
-        end_processes(pids_with_arg(str(self.root)))
-        for device in loops_under(self.root):
-            sh(["losetup", "--detach", device], check=False, timeout=30)
+        end_attachments_under(self.root)  # last resort
         remove_tree(self.root)
         errors += purge_images(self.cluster.conf_path, self.images)
         return errors
+
+
+def end_attachments_under(root: Path) -> None:
+    """Whatever still runs with an argument under ``root`` (rbd-fuse: SIGKILL first, which also aborts
+    the requests a hung one never answers), is mounted or looped under it."""
+    devices = loops_under(root)  # before any lazy unmount hides their backing files' paths
+    for proc in pids_with_arg(str(root)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, 9)
+    end_processes(pids_with_arg(str(root)))
+    for target in mounts_under(root):  # deepest first: the filesystems, then rbd-fuse's mounts
+        sh(["umount", "-l", target], check=False, timeout=30)
+    for device in devices:
+        sh(["losetup", "--detach", device], check=False, timeout=30)
 
 
 def loops_under(root: Path) -> list[str]:

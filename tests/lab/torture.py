@@ -31,8 +31,10 @@ class LostReply(Exception):
 
 
 class NetTorture:
-    def __init__(self, plugin, parents: list[str], rng: random.Random):
-        self.plugin, self.parents, self.rng = plugin, parents, rng
+    def __init__(self, plugin, parents: list[str], rng: random.Random, *, underlay: str | None = None):
+        # parents: NICs a static network takes for itself; underlay: a NIC with an address that carries
+        # any number of VXLAN overlay networks (each its own VNI from the plugin's registry)
+        self.plugin, self.parents, self.rng, self.underlay = plugin, parents, rng, underlay
         self.networks: dict[str, dict] = {}   # network ID -> {parent, pool, gateway}
         self.endpoints: dict[str, dict] = {}  # endpoint ID -> {network, address}
         # endpoints whose DeleteEndpoint failed: dockerd keeps them (and their address) in its store and
@@ -90,9 +92,11 @@ class NetTorture:
     # -- what dockerd does --
     def create_network(self) -> None:
         free = [p for p in self.parents if p not in {n["parent"] for n in self.networks.values()}]
-        if not free:
+        overlay = self.underlay is not None and (not free or self.rng.random() < 0.4)
+        if not free and not overlay:
             return self.delete_network()
-        net_id, parent, subnet = self._id(), self.rng.choice(free), f"10.{100 + next(self._subnets) % 100}.0.0/24"
+        net_id, subnet = self._id(), f"10.{100 + next(self._subnets) % 100}.0.0/24"
+        parent = self.underlay if overlay else self.rng.choice(free)
         pool = self.call("/IpamDriver.RequestPool", {"AddressSpace": "local", "Pool": subnet, "SubPool": "",
                                                      "Options": {}, "V6": False})["PoolID"]
         gateway = None
@@ -100,6 +104,8 @@ class NetTorture:
             gateway = self.call("/IpamDriver.RequestAddress", {"PoolID": pool, "Address": "", "Options": {
                 "RequestAddressType": "com.docker.network.gateway"}})["Address"]
             generic = {"parent": parent, **({"egress": "20mbit"} if self.rng.random() < 0.3 else {})}
+            if overlay:
+                generic.update(mode="overlay", overlay=f"ov{net_id[:8]}")
             self.call("/NetworkDriver.CreateNetwork", {
                 "NetworkID": net_id, "Options": {"com.docker.network.generic": generic},
                 "IPv4Data": [{"AddressSpace": "local", "Pool": subnet, "Gateway": gateway}], "IPv6Data": []})

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.lab import plugin_post, sh
+from tests.lab import plugin_post, sh, wait_for_own_mount_namespace
 from tests.lab.plugin import Plugin
 from volplugin import config as volconfig
 from volplugin import filesystem
@@ -59,8 +59,15 @@ def test_protocol_and_pgdata(pool, config):
     pgdata = os.stat(os.path.join(mountpoint, "pgdata"))
     assert (pgdata.st_uid, pgdata.st_gid, stat.S_IMODE(pgdata.st_mode)) == (70, 71, 0o700)
     assert post(client, "Mount", {"Name": "db1", "ID": "c2"})[1]["Mountpoint"] == mountpoint
-    status, reply = post(client, "Remove", {"Name": "db1"})
-    assert status == 409 and "mounted on this host by 2 container(s)" in reply["Err"]
+    # a container's copy of the mount: a process in its own mount namespace
+    holder = subprocess.Popen(["unshare", "--mount", "sleep", "300"])
+    try:
+        wait_for_own_mount_namespace(holder.pid)
+        status, reply = post(client, "Remove", {"Name": "db1"})
+        assert status == 409 and "mounted on this host by 2 container(s) and still in use" in reply["Err"]
+    finally:
+        holder.kill()
+        holder.wait()
     st = post(client, "Get", {"Name": "db1"})[1]["Volume"]["Status"]
     assert st["containers"] == ["c1", "c2"] and st["attached_host"] == "hostA" and st["active"]
     assert post(client, "Unmount", {"Name": "db1", "ID": "c1"})[0] == 200
@@ -118,7 +125,8 @@ def test_reconcile_releases_what_no_mount_explains(pool, config):
     driver.backends["lvm"].attach(driver._spec("orphan", driver.state.volume("orphan")))  # died mid-Mount
 
     summary = reconcile(Services(config).driver)  # a restarted plugin
-    assert summary == {"kept": 1, "released": 1, "orphan_mounts": 0, "orphan_attachments": 1}
+    assert summary == {"kept": 1, "released": 1, "orphan_mounts": 0, "orphan_attachments": 1,
+                       "unfinished_creates": 0}
     lvs = pool.lvs()
     assert lvs["kept"]["lv_active"] == "active" and mounted(kept)
     assert lvs["lost"]["lv_active"] == "" and lvs["orphan"]["lv_active"] == ""
@@ -180,3 +188,4 @@ def test_lvm_setup_and_teardown_commands(vm, tmp_path):
         gone = cli("lvm-teardown", "--remove-file")
     assert gone.returncode == 0, gone.stderr
     assert not (tmp_path / "pool.img").exists() and vg not in vm.run("vgs").stdout
+

@@ -162,9 +162,17 @@ class RbdBackend(AttachMixin, CatalogMixin, Backend, Catalog):
 
     def remove(self, spec: VolumeSpec) -> None:
         def remove(ioctx):
-            # the claim is dropped afterwards from the header, which lives on in the trash
-            with self._maintenance(ioctx, spec, "remove"):
-                rbd.RBD().trash_move(ioctx, self._where(spec)[1], delay=int(self.trash_retention))
+            try:
+                # the claim is dropped afterwards from the header, which lives on in the trash
+                with self._maintenance(ioctx, spec, "remove"):
+                    rbd.RBD().trash_move(ioctx, name, delay=int(self.trash_retention))
+            except rbd.ImageNotFound:
+                if name not in rbd.RBD().list(ioctx):
+                    raise
+                # listed but not openable: a create cut off half-way (no header yet). Nobody can have
+                # it open; librbd's remove cleans such remains.
+                rbd.RBD().remove(ioctx, name)
+                log.warning("volume %s: removed the remains of a half-created image %s/%s", spec.name, pool, name)
         pool, name = self._where(spec)
         with self._local_lock(pool, name):
             try:
@@ -300,10 +308,11 @@ class _Maintenance:
             return locks.watcher_addresses(image)
 
     def __enter__(self) -> str:
+        """Called with the image's local lock held: no attach of it runs on this host meanwhile."""
         pool, name = self.backend._where(self.spec)
         watchers = self._watchers(pool, name)
         raw, record = locks.read_record(self.ioctx, self.oid)
-        if record is not None:
+        if record is not None and not self._own_leftover(record, watchers, pool, name):
             message = locks.in_use_message(self.spec.name, pool, record) + f": cannot {self.op} it"
             if not locks.Assessment(record, watchers, self.owners, self.backend.claim_ttl).alive:
                 message += " (that host's clients are gone: break its lock first)"
@@ -311,17 +320,30 @@ class _Maintenance:
         if watchers:
             raise Conflict(f"volume {self.spec.name}: image {pool}/{name} is open by clients "
                            f"{', '.join(sorted(watchers))}: cannot {self.op} it")
+        # An intent record first: if this process dies holding the claim, start-up cleanup releases it.
+        self.backend.records.save({"volume": self.spec.name, "pool": pool, "image": name, "broken": self.op})
         claim = locks.new_record(self.backend.host_id, op=self.op)
-        locks.refuse_if_changed(locks.swap_record(self.ioctx, self.oid, "", claim), self.spec.name)
+        if not locks.swap_record(self.ioctx, self.oid, raw if record is not None else "", claim):
+            self.backend.records.drop(pool, name)
+            locks.refuse_if_changed(False, self.spec.name)
         self.raw = locks.encode(claim)
         if self._watchers(pool, name):  # opened between our look and our claim
             self.__exit__(None, None, None)
             raise Conflict(f"volume {self.spec.name} was opened by another client just now: cannot {self.op} it")
         return self.oid
 
+    def _own_leftover(self, record: dict, watchers: set[str], pool: str, name: str) -> bool:
+        """This host's own claim that nothing here uses any more (a plugin killed in the middle of an
+        attach, remove or rollback): no client has the image open and no device is recorded here
+        (at most the intent record of that interrupted operation)."""
+        local = self.backend.records.load(pool, name)
+        return record.get("host") == self.backend.host_id and not watchers and not (local or {}).get("device")
+
     def __exit__(self, *exc) -> None:
+        pool, name = self.backend._where(self.spec)
         try:
             locks.swap_record(self.ioctx, self.oid, self.raw, None)
         except (rbd.ImageNotFound, rados.ObjectNotFound):
             pass  # removed for good
+        self.backend.records.drop(pool, name)
         return None

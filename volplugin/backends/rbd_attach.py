@@ -76,6 +76,10 @@ class AttachMixin:
                 self._refuse_if_held_elsewhere(spec)
             self._teardown_leftovers(pool, name, leftovers)
             with contextlib.ExitStack() as undo:
+                # An intent record first: if this process dies between claiming and recording the
+                # attachment, start-up cleanup finds it and releases the claim (nothing else knows it).
+                self.records.save({"volume": spec.name, "pool": pool, "image": name, "broken": "attaching"})
+                undo.callback(self.records.drop, pool, name)
                 claim = self._claim(spec)
                 undo.callback(host.quietly, self._release, spec)
                 started = time.monotonic()
