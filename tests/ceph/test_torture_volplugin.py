@@ -27,10 +27,7 @@ def test_kill_9_and_osd_stops_at_random_points_leak_nothing(own_ceph, tmp_path):
     prefix = "vt" + uuid.uuid4().hex[:6] + "-"
     torture = VolTorture(plugin, own_ceph, random.Random(seed), prefix=prefix)
     try:
-        for done in range(operations):
-            torture.step(fault_rate=0.12)
-            if (done + 1) % ROUND == 0:
-                torture.audit(f"after {done + 1} operations")
+        torture.run(operations, ROUND, fault_rate=0.12)
         if not torture.counts["OSD stops"]:  # the short run meets at least one
             torture.osd_stop_start()
             torture.audit("after an OSD stop")
@@ -41,10 +38,7 @@ def test_kill_9_and_osd_stops_at_random_points_leak_nothing(own_ceph, tmp_path):
         if left or any(plugin_rows.values()):
             torture.findings.append(f"at the end: images {sorted(left)}, plugin rows {plugin_rows}")
     finally:
-        print(f"\nvolume torture (seed {seed}): " + ", ".join(f"{v} {k}" for k, v in torture.counts.items())
-              + f", {len(torture.findings)} findings")
-        for finding in torture.findings[:40]:
-            print("  " + finding)
+        torture.report("volume torture", seed)
         plugin.destroy()
         end_attachments_under(plugin.workdir)  # what a failed run left attached (rbd-fuse outlives kills)
     log = plugin.log.read_text(errors="replace")

@@ -31,10 +31,7 @@ def test_kill_9_at_random_points_leaks_nothing(lab, tmp_path):
     plugin.start()
     torture = NetTorture(plugin, ["eth1", "eth2"], random.Random(seed), underlay="eth3")
     try:
-        for done in range(operations):
-            torture.step(fault_rate=0.12)
-            if (done + 1) % ROUND == 0:
-                torture.audit(f"after {done + 1} operations")
+        torture.run(operations, ROUND, fault_rate=0.12)
         torture.teardown()
         torture.audit("after removing everything")
         [(networks, endpoints, pools, addresses)] = plugin.state_rows(
@@ -47,11 +44,8 @@ def test_kill_9_at_random_points_leaks_nothing(lab, tmp_path):
                                     f"{addresses} addresses left ({torture.lost_pools} pool and {lost} address "
                                     "replies were lost in kills)")
     finally:
-        print(f"\ntorture (seed {seed}): " + ", ".join(f"{v} {k}" for k, v in torture.counts.items())
-              + f", {sum(torture.lost_addresses.values())} RequestAddress and {torture.lost_pools} RequestPool"
-              f" replies lost in kills, {len(torture.findings)} findings")
-        for finding in torture.findings[:40]:
-            print("  " + finding)
+        torture.report("torture", seed, f", {sum(torture.lost_addresses.values())} RequestAddress and "
+                       f"{torture.lost_pools} RequestPool replies lost in kills")
         if os.environ.get("TORTURE_TRACE"):  # every call in order, with kills: to follow up a finding
             Path(os.environ["TORTURE_TRACE"]).write_text(json.dumps(torture.trace))
         plugin.destroy()

@@ -95,9 +95,13 @@ def audit_netplugin(db_path, *, parents: list[str], held_addresses: set[tuple[st
 
     found += _audit_vnis(db_path, nets, links)
     expected_links = set(bridges) | {n["kernel"].get("uplink") for n in nets.values() if n["mode"] == "overlay"}
+    sriov = {i for i, n in nets.items() if n["mode"] == "sriov"}
+    found += _audit_vfs(db_path, nets, eps, links) if sriov else []
     for ep in eps.values():
         if ep["network_id"] not in nets:
             found.append(f"endpoint {ep['id'][:12]} of a network that is gone")
+        if ep["network_id"] in sriov:  # a VF, no veth: audited by _audit_vfs
+            continue
         host, peer = names.host_veth_name(ep["id"]), names.peer_veth_name(ep["id"])
         if ep["sandbox"]:
             expected_links |= {host, peer}  # the peer stays here: no dockerd moves it into a sandbox
@@ -129,6 +133,27 @@ def audit_netplugin(db_path, *, parents: list[str], held_addresses: set[tuple[st
 
     if held_addresses is not None:
         found += _audit_addresses(db_path, nets, eps, held_addresses)
+    return found
+
+
+def _audit_vfs(db_path, nets: dict, eps: dict, links: dict) -> list[str]:
+    """SR-IOV: the VF inventory against the endpoints. Every claim an endpoint of that network, every
+    endpoint of an SR-IOV network one VF, every pool a live network's, every free VF's netdev at home."""
+    found, claims = [], {}
+    for vf in read_rows(db_path, "SELECT pf, vf, netdev, network_id, endpoint_id FROM sriov_vfs"):
+        where = f"VF {vf['pf']}/{vf['vf']}"
+        if vf["network_id"] not in nets:
+            found.append(f"{where} still in the pool of network {vf['network_id'][:12]}, which is gone")
+        if vf["endpoint_id"]:
+            claims[vf["endpoint_id"]] = claims.get(vf["endpoint_id"], 0) + 1
+            ep = eps.get(vf["endpoint_id"])
+            if ep is None or ep["network_id"] != vf["network_id"]:
+                found.append(f"{where} claimed by endpoint {vf['endpoint_id'][:12]}, which is gone")
+        elif vf["netdev"] not in links:  # a free VF is back home under its own name
+            found.append(f"{where} is free, but its netdev {vf['netdev']} is not here")
+    for ep_id, ep in eps.items():
+        if nets.get(ep["network_id"], {}).get("mode") == "sriov" and claims.get(ep_id) != 1:
+            found.append(f"endpoint {ep_id[:12]} of an SR-IOV network holds {claims.get(ep_id, 0)} VFs")
     return found
 
 

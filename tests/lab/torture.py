@@ -31,10 +31,13 @@ class LostReply(Exception):
 
 
 class NetTorture:
-    def __init__(self, plugin, parents: list[str], rng: random.Random, *, underlay: str | None = None):
-        # parents: NICs a static network takes for itself; underlay: a NIC with an address that carries
-        # any number of VXLAN overlay networks (each its own VNI from the plugin's registry)
+    def __init__(self, plugin, parents: list[str], rng: random.Random, *, underlay: str | None = None,
+                 network_options: dict | None = None):
+        # parents: NICs a network takes for itself (static mode, or the mode network_options name: e.g.
+        # SR-IOV PFs); underlay: a NIC with an address that carries any number of VXLAN overlay networks
+        # (each its own VNI from the plugin's registry)
         self.plugin, self.parents, self.rng, self.underlay = plugin, parents, rng, underlay
+        self.network_options = network_options or {}
         self.networks: dict[str, dict] = {}   # network ID -> {parent, pool, gateway}
         self.endpoints: dict[str, dict] = {}  # endpoint ID -> {network, address}
         # endpoints whose DeleteEndpoint failed: dockerd keeps them (and their address) in its store and
@@ -106,6 +109,8 @@ class NetTorture:
             generic = {"parent": parent, **({"egress": "20mbit"} if self.rng.random() < 0.3 else {})}
             if overlay:
                 generic.update(mode="overlay", overlay=f"ov{net_id[:8]}")
+            else:
+                generic.update(self.network_options)
             self.call("/NetworkDriver.CreateNetwork", {
                 "NetworkID": net_id, "Options": {"com.docker.network.generic": generic},
                 "IPv4Data": [{"AddressSpace": "local", "Pool": subnet, "Gateway": gateway}], "IPv6Data": []})
@@ -148,20 +153,30 @@ class NetTorture:
         try:
             self.call("/NetworkDriver.CreateEndpoint", {"NetworkID": net_id, "EndpointID": ep_id,
                                                         "Interface": {"Address": address}, "Options": options})
-            self.call("/NetworkDriver.Join", {"NetworkID": net_id, "EndpointID": ep_id,
-                                              "SandboxKey": f"/var/run/docker/netns/{ep_id[:12]}", "Options": {}})
+            joined = self.call("/NetworkDriver.Join", {"NetworkID": net_id, "EndpointID": ep_id,
+                                                       "SandboxKey": f"/var/run/docker/netns/{ep_id[:12]}",
+                                                       "Options": {}})
         except Exception:
             self.quietly("/NetworkDriver.Leave", {"NetworkID": net_id, "EndpointID": ep_id})
             self.quietly("/NetworkDriver.DeleteEndpoint", {"NetworkID": net_id, "EndpointID": ep_id})
             self.quietly("/IpamDriver.ReleaseAddress", {"PoolID": pool, "Address": address.split("/")[0]})
             raise
         self.endpoints[ep_id] = {"network": net_id, "address": address}
+        self.enter_sandbox(self.endpoints[ep_id], joined)
+
+    def enter_sandbox(self, ep: dict, joined: dict) -> None:
+        """What dockerd does with the interface Join named; here it stays in this netns (a subclass
+        moves it where the plugin's reconciliation must find it, e.g. an SR-IOV VF)."""
+
+    def leave_sandbox(self, ep: dict) -> None:
+        """What dockerd does when the container stops, before Leave: the interface comes back."""
 
     def stop_container(self) -> None:
         if not self.endpoints:
             return self.run_container()
         ep_id = self.rng.choice(sorted(self.endpoints))
         ep = self.endpoints.pop(ep_id)
+        self.leave_sandbox(ep)
         self.quietly("/NetworkDriver.Leave", {"NetworkID": ep["network"], "EndpointID": ep_id})
         try:
             self.call("/NetworkDriver.DeleteEndpoint", {"NetworkID": ep["network"], "EndpointID": ep_id})
@@ -182,6 +197,18 @@ class NetTorture:
             self._release(self.stale.pop(ep_id))
 
     # -- the run --
+    def run(self, operations: int, audit_every: int, fault_rate: float) -> None:
+        for done in range(operations):
+            self.step(fault_rate)
+            if (done + 1) % audit_every == 0:
+                self.audit(f"after {done + 1} operations")
+
+    def report(self, what: str, seed: int, extra: str = "") -> None:
+        print(f"\n{what} (seed {seed}): " + ", ".join(f"{v} {k}" for k, v in self.counts.items())
+              + extra + f", {len(self.findings)} findings")
+        for finding in self.findings[:40]:
+            print("  " + finding)
+
     def operation(self):
         weights = [(self.create_network, 1), (self.delete_network, 1), (self.run_container, 4),
                    (self.stop_container, 3), (self.dockerd_restart, 0.2)]
