@@ -5,6 +5,7 @@ Handlers only parse, call and serialise; see ../shared/reference/docker-network-
 from flask import Blueprint, current_app
 
 from plugincore.app import reply, request_body
+from plugincore.errors import InvalidRequest
 from plugincore.fields import flag, mapping, sequence, text
 
 bp = Blueprint("netplugin", __name__)
@@ -121,6 +122,11 @@ def default_address_spaces():
 @bp.post("/IpamDriver.RequestPool")
 def request_pool():
     body = request_body()
+    if not body:
+        # dockerd re-sends a request whose connection broke (the plugin was killed) without its body
+        # (moby#39331). Every field is optional here, and a default pool carved for that empty request was
+        # taken by Docker as the pool of the --subnet it had asked for: refuse it, the operation then fails.
+        raise InvalidRequest("RequestPool without a body (a request dockerd re-sent after a broken connection)")
     return reply(_ipam().request_pool(text(body, "AddressSpace"), text(body, "Pool"), text(body, "SubPool"),
                                       mapping(body, "Options"), flag(body, "V6")))
 

@@ -108,6 +108,15 @@ def test_default_pool_is_carved_from_supernet(client):
     assert (first["Pool"], second["Pool"]) == ("10.200.0.0/24", "10.200.1.0/24")
 
 
+def test_request_pool_without_a_body_is_refused(client):
+    # dockerd re-sends a request whose connection broke with an empty body (moby#39331): a default pool
+    # carved for it became the network of the --subnet Docker had asked for
+    for raw in ("", "{}", "null"):
+        status, reply = post(client, "/IpamDriver.RequestPool", raw=raw)
+        assert status == 400 and "without a body" in reply["Err"], raw
+    assert post(client, "/IpamDriver.RequestPool", {"AddressSpace": "local"})[0] == 200
+
+
 def test_allocate_network_returns_the_users_options(client):
     # Swarm passes AllocateNetwork's reply, not the request, to CreateNetwork on every node.
     options = {"mode": "static", "parent": "eth1", "egress": "80mbit", "com.docker.network.driver.mtu": "1400"}
