@@ -95,6 +95,10 @@ def _serve(config: dict) -> None:
         if services.etcd is not None:  # overlays span hosts: keep the forwarding tables current
             from .overlay_agent import OverlayAgent
             start_elected("overlay agent", os.path.join(locks, "overlay-agent.lock"), OverlayAgent(services).run)
+        if config["docker_host"] and config["gc_interval"] > 0:  # what crashes left that Docker forgot
+            from .docker_gc import DockerGC
+            start_elected("docker gc", os.path.join(locks, "docker-gc.lock"), DockerGC(
+                services.driver, config["docker_host"], config["gc_interval"], config["gc_grace"]).run)
         if config["labels"]:  # rates from container labels, read from Docker's events
             from .label_watcher import LabelWatcher
             start_elected("label watcher", os.path.join(locks, "label-watcher.lock"),

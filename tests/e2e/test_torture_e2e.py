@@ -13,6 +13,7 @@ left (counted apart) and findings; any finding fails the test. DOCKER_TORTURE_SE
 Found by it, with a regression test below: a RequestPool cut off by a kill came back from dockerd without its
 body, and netplugin carved a default pool for it, which Docker used for the network of another --subnet."""
 import http.server
+import json
 import os
 import random
 import secrets
@@ -22,7 +23,7 @@ import time
 
 import pytest
 
-from tests.lab import http_unix
+from tests.lab import http_unix, wait_until
 from tests.lab.docker_torture import DockerTorture
 from tests.lab.image import IMAGE
 
@@ -130,3 +131,30 @@ def test_a_cut_off_request_pool_never_yields_another_subnet(physnet, docker, plu
         assert "RequestPool" in res.stderr and plugin.state_rows("SELECT id FROM ipam_pools") == []
     finally:
         proxy.close()
+
+
+def test_a_network_docker_forgot_is_collected(docker, plugin):
+    """A CreateNetwork whose reply was cut: Docker re-sent it empty (refused) and forgot the network, the
+    plugin kept it with its parent NIC. The garbage collection against Docker's list (here every 1 s, with
+    a grace of 3 s) deletes it and frees the parent; Docker's own networks stay."""
+    plugin.env.update(NETPLUGIN_GC_INTERVAL="1", NETPLUGIN_GC_GRACE="3")
+    plugin.restart()
+    subnet = ["--subnet", "10.77.0.0/25", "--gateway", "10.77.0.1"]
+    docker("network", "create", "-d", plugin.name, "--ipam-driver", plugin.name, *subnet, "-o", "parent=eth2",
+           "kept")
+    forgotten = secrets.token_hex(32)
+    assert not plugin.call("/NetworkDriver.CreateNetwork", {
+        "NetworkID": forgotten, "Options": {"com.docker.network.generic": {"parent": "eth1"}},
+        "IPv4Data": [{"AddressSpace": "local", "Pool": "10.77.0.128/25", "Gateway": "10.77.0.129/25"}],
+        "IPv6Data": []}).get("Err")
+    refused = docker("network", "create", "-d", plugin.name, "--ipam-driver", plugin.name, "--subnet",
+                     "10.77.0.128/25", "-o", "parent=eth1", "again", check=False)
+    assert refused.returncode != 0 and "eth1" in refused.stderr
+    wait_until(lambda: plugin.state_rows(f"SELECT id FROM networks WHERE id = '{forgotten}'") == [], 30,
+               "the forgotten network collected")
+    docker("network", "create", "-d", plugin.name, "--ipam-driver", plugin.name, "--subnet", "10.77.0.128/25",
+           "-o", "parent=eth1", "again")
+    time.sleep(5)  # more than the grace: Docker's networks are never collected
+    kept = {n["Name"] for n in json.loads(docker("network", "inspect", "kept", "again").stdout)}
+    assert kept == {"kept", "again"} and len(plugin.state_rows("SELECT id FROM networks")) == 2
+    docker("network", "rm", "kept", "again")

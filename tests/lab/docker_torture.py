@@ -14,8 +14,8 @@ Cut-off requests: dockerd re-sends a plugin request whose connection broke, but 
 first, cut-off copy did stays in the plugin unknown to Docker: an address or pool reference it allocated,
 a mount it added (never unmounted), a network or endpoint it kept. Up to one of those per kill during an
 operation on that network or volume is counted apart, then removed through the plugin's socket as a
-garbage collection against Docker's lists would (netplugin has none; volplugin drops stale mount IDs only
-at Remove). Also counted apart, a Docker bug: after a failed `network connect` the container's config keeps
+garbage collection against Docker's lists would (netplugin's own, netplugin/docker_gc.py, waits gc_grace,
+120 s, before it collects; volplugin drops stale mount IDs only at Remove). Also counted apart, a Docker bug: after a failed `network connect` the container's config keeps
 the network with the endpoint libnetwork rolled back.
 """
 from __future__ import annotations

@@ -35,7 +35,7 @@ class Plugin:
 
     def __init__(self, netns: str | None, workdir: Path, *, name: str | None = None,
                  command: list[str] | None = None, extra_args: tuple[str, ...] = (),
-                 docker_host: str | None = None):
+                 docker_host: str | None = None, env: dict | None = None):
         self.netns = netns
         self.name = name or f"nptest{secrets.token_hex(3)}"
         self.socket = Path(PLUGIN_DIR) / f"{self.name}.sock"
@@ -47,6 +47,7 @@ class Plugin:
         # netplugin's label watcher follows a dockerd's events: only ever the lab's own (docker_host);
         # without one it is switched off, so a test plugin never talks to a dockerd the lab did not start.
         self.docker_host = docker_host
+        self.env = env or {}  # extra environment (configuration) of every start
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -80,8 +81,10 @@ class Plugin:
         env["PYTHONUNBUFFERED"] = "1"
         if self.docker_host:
             env["NETPLUGIN_DOCKER_HOST"] = self.docker_host
-        else:
+        else:  # never act on a dockerd the lab did not start: no label watcher, no garbage collection
             env["NETPLUGIN_LABELS"] = "0"
+            env["NETPLUGIN_GC_INTERVAL"] = "0"
+        env.update(self.env)
         with open(self.log, "ab") as logf:
             logf.write(f"\n=== lab: start #{self.starts} of {self.name} at "
                        f"{time.strftime('%T')}: {' '.join(self.argv())} ===\n".encode())
