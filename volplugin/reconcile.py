@@ -2,9 +2,9 @@
 
 Saved state alone is never trusted (docker-lvm-plugin#24): an attachment whose filesystem is no longer
 mounted has lost its containers (host reboot, manual umount) and is released, and so is one left with no
-caller (the last Unmount cut off before it unmounted); a mount or backend
-attachment that no state explains (a crash between steps) is undone, and so is a Create a crash cut off
-(finished instead if its record reached the shared catalog).
+caller (the last Unmount cut off before it unmounted). A mount or backend attachment that no state
+explains (a crash between steps) is undone, and so is a Create a crash cut off (finished instead if its
+record reached the shared catalog).
 """
 import logging
 import os
@@ -15,7 +15,7 @@ log = logging.getLogger("volplugin.reconcile")
 
 
 def reconcile(driver) -> dict:
-    summary = {"kept": 0, "released": 0, "orphan_mounts": 0, "orphan_attachments": 0}
+    summary = {"kept": 0, "released": 0, "orphan_mounts": 0, "orphan_attachments": 0, "unfinished_creates": 0}
     state = driver.state
     for attached in state.attachments():
         name = attached["volume"]
@@ -59,7 +59,6 @@ def reconcile(driver) -> dict:
             log.exception("cleaning up the %s backend's orphans failed", backend.name)
             continue
         summary["orphan_attachments"] += len(cleaned)
-    summary["unfinished_creates"] = 0
     for volume in state.volumes():  # after the cleanups above: the image has no attachment left
         if volume["status"] == state_module.CREATING:
             try:
