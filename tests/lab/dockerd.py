@@ -101,7 +101,12 @@ class Dockerd:
             pid = int(pidfile.read_text().strip())
         except (FileNotFoundError, ValueError):
             return
-        if not ProcRef(pid).alive():
+        # Right after a SIGKILL of dockerd its containerd may still be on its way out (pdeathsig):
+        # dockerd would dial it and time out (seen once in 143 operations of the dockerd torture).
+        containerd, deadline = ProcRef(pid), time.monotonic() + 15
+        while containerd.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not containerd.alive():
             pidfile.unlink(missing_ok=True)
 
     def _ready(self) -> bool:
