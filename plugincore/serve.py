@@ -1,6 +1,7 @@
 """Serve a plugin's Flask app under gunicorn (started from Python) on a root-only Unix socket."""
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
@@ -109,7 +110,7 @@ def serve(app_factory, socket_path: str, *, workers: int = 2, threads: int = 4, 
     def when_ready(_arbiter):
         os.chmod(socket_path, 0o600)
         if on_ready is not None:
-            on_ready()
+            _stoppable(on_ready)
 
     def post_worker_init(worker):
         setup_logging(log_level, log_format)
@@ -138,3 +139,29 @@ def serve(app_factory, socket_path: str, *, workers: int = 2, threads: int = 4, 
         "control_socket_disable": True,
     }
     _Gunicorn(app_factory, options).run()
+
+
+class _StoppedDuringStartUp(BaseException):
+    """SIGTERM/SIGINT/SIGQUIT while ``on_ready`` ran (BaseException: no ``except Exception`` swallows it)."""
+
+
+def _stoppable(on_ready) -> None:
+    """Run ``on_ready`` in the master so that a stop signal ends it. gunicorn's handlers only queue signals
+    for a main loop that starts after ``when_ready``: a start-up stuck on a hung backend (an lvm command
+    waiting for its timeout, a cluster that does not answer) would otherwise ignore systemd's and Docker's
+    SIGTERM until it ended. No worker exists yet and every start-up step survives a kill -9, so leaving
+    in the middle is safe; a subprocess running meanwhile is killed by plugincore.run on the way out."""
+    def stop(signum, _frame):
+        raise _StoppedDuringStartUp(signal.Signals(signum).name)
+
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+    queued_by_gunicorn = {s: signal.signal(s, stop) for s in stop_signals}
+    try:
+        on_ready()
+    except _StoppedDuringStartUp as stopped:
+        log.warning("stopped by %s during start-up, before serving any request", stopped)
+        sys.exit(0)
+    finally:
+        for s, handler in queued_by_gunicorn.items():
+            signal.signal(s, handler)
+

@@ -41,8 +41,11 @@ class Cluster:
         return name
 
     def cleanup(self):
+        # the volumes' filesystems only: rbd-fuse's own mounts stay for the hosts' detach, which needs
+        # their paths to find the loop devices over them
         with open("/proc/self/mountinfo") as f:
-            ours = [filesystem.unescape(line.split()[4]) for line in f if str(self.root) in line.split()[4]]
+            ours = [filesystem.unescape(line.split()[4]) for line in f
+                    if str(self.root) in line.split()[4] and " - fuse.rbd-fuse " not in line]
         for target in sorted(ours, key=len, reverse=True):
             sh(["umount", "-l", target], check=False, timeout=30)
         return self.hosts.cleanup()

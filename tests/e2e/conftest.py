@@ -26,6 +26,7 @@ from tests.lab.netns import Lab, build_physnet, list_netns, stale_netns
 from tests.lab.pgimage import POSTGRES_IMAGE, build_postgres_tar, import_postgres
 from tests.lab.pgimage import skip_reason as pg_skip_reason
 from tests.lab.plugin import Plugin, rbd_volplugin
+from tests.lab.rbd import end_attachments_under
 
 SKIP_REASON = skip_reason()
 
@@ -200,3 +201,6 @@ def volplugin(dockerd, ceph, tmp_path):
             dockerd.docker("volume", "rm", volume, check=False)
     finally:
         p.destroy()
+        # what a failed run left attached (rbd-fuse outlives the plugin's kills): a mount left here
+        # outlives the session, and its loop device is scanned by every lvm command on the host
+        end_attachments_under(p.workdir)

@@ -124,3 +124,64 @@ def test_scope_follows_the_cluster_store(tmp_path):
     assert Services(config).driver.capabilities()["Scope"] == "global"
     config["cluster"]["scope"] = "local"
     assert Services(config).driver.capabilities()["Scope"] == "local"
+
+
+# A plugin whose start-up step (in the master, before any worker) blocks on a command, as an lvm command
+# scanning a device that waits on an unreachable Ceph did.
+BLOCKED_START_UP = """
+import sys
+from flask import Flask
+from plugincore.run import run
+from plugincore.serve import serve
+
+def on_ready():
+    print("start-up step running", flush=True)
+    run(["sleep", "600"], timeout=900)
+
+serve(lambda: Flask("blocked"), sys.argv[1], workers=1, threads=1, on_ready=on_ready)
+"""
+
+
+def test_a_stop_signal_ends_a_blocked_start_up(tmp_path):
+    """systemd and Docker stop a plugin with SIGTERM to the main process; gunicorn only queues it for a
+    main loop that starts after the start-up step, so a blocked start-up ignored it for as long as it
+    blocked (the service then needed a SIGKILL). Now the master leaves at once and its command is killed."""
+    sock = tmp_path / "blocked.sock"
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", BLOCKED_START_UP, str(sock)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "start-up step running" not in log.read_text() or not _group_members(proc.pid, "sleep"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, log.read_text()
+        assert "stopped by SIGTERM during start-up" in log.read_text()
+        deadline = time.monotonic() + 5
+        while _group_members(proc.pid, "sleep"):  # the blocked command went with it
+            assert time.monotonic() < deadline, "the start-up's command outlived the plugin"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+        for pid in _group_members(proc.pid, ""):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _group_members(pgid: int, comm: str) -> list[int]:
+    """PIDs in process group ``pgid`` whose command name starts with ``comm``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)
+            name = fields[0].split("(", 1)[1]
+            if int(fields[1].split()[2]) == pgid and name.startswith(comm):
+                found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found

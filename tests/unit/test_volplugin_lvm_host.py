@@ -6,7 +6,7 @@ import pytest
 from plugincore.errors import Conflict, InvalidRequest, NotFound
 from plugincore.run import CommandError
 from volplugin import config as volconfig
-from volplugin.backends import lvm_command
+from volplugin.backends import lvm_command, lvm_devices
 from volplugin.backends.base import Backend, Catalog, VolumeSpec
 from volplugin.backends.lvm import LvmBackend, check_vg_name
 from volplugin.backends.lvm_command import LvmError, LvmExists, LvmInUse, LvmNotFound
@@ -30,6 +30,25 @@ def test_lvm_config_never_waits_for_udev():
     config = lvm_command.no_udev_config(monitoring=False)
     assert "udev_sync = 0" in config and "udev_rules = 0" in config and "monitoring = 0" in config
     assert "monitoring = 1" in lvm_command.no_udev_config(monitoring=True)
+
+
+def test_lvm_never_scans_devices_that_wait_on_ceph(tmp_path):
+    """The filter (tests/ceph/test_lvm_beside_rbd.py shows why) as the real lvm reads it, after the
+    host's own global_filter, which ``--config`` would otherwise replace."""
+    lvm = lvm_command.Lvm(timeout=30, monitoring=False)
+    lvm._hosts_filter = ["a|^/dev/sd|", "r|.*|"]  # as an lvm.conf restricting LVM to SCSI disks says
+    out = lvm("lvmconfig", "devices/global_filter")
+    assert 'r|^/dev/rbd[0-9]|' in out and out.index("r|^/dev/nbd[0-9]|") < out.index("a|^/dev/sd|")
+    mountinfo = tmp_path / "mountinfo"  # a mount table and /sys/block as the kernel writes them
+    mountinfo.write_text("36 25 0:50 / /run/vol\\040plugin/fuse rw - fuse.rbd-fuse rbd-fuse rw\n"
+                         "37 25 0:51 / /srv rw - ext4 /dev/sda1 rw\n")
+    for name, backing in (("loop3", "/run/vol plugin/fuse/rbd/pg1/pg1"), ("loop4", "/srv/disk.img")):
+        (tmp_path / "block" / name / "loop").mkdir(parents=True)
+        (tmp_path / "block" / name / "loop" / "backing_file").write_text(backing + "\n")
+        (tmp_path / "block" / name / "dev").write_text(f"7:{name[-1]}\n")
+    patterns = lvm_devices.reject_patterns(str(tmp_path / "block"), str(mountinfo))
+    assert "r|^/dev/loop3$|" in patterns and "r|^/dev/block/7:3$|" in patterns
+    assert not any("loop4" in p or "7:4" in p for p in patterns)  # a loop over a local file: LVM's
 
 
 def test_names(tmp_path):

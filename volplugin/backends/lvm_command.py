@@ -4,7 +4,8 @@ JSON reports, and typed errors carrying LVM's stderr (the shape of topolvm's lvm
 Every command gets the same ``--config`` so that nothing waits for udev: without it, lvcreate and
 lvchange block until udev confirms the device nodes, which never happens in a plugin container without
 /run/udev, a VM without udevd, or a host whose udev is wedged. LVM then creates /dev/mapper and
-/dev/<vg> nodes itself.
+/dev/<vg> nodes itself. The same ``--config`` keeps LVM away from block devices that wait on Ceph
+(lvm_devices), so that a Ceph outage never stalls LVM volumes.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import re
 
 from plugincore.errors import BackendError, Conflict, NotFound
 from plugincore.run import CommandError, CommandTimeout, run
+
+from .lvm_devices import configured_global_filter, filter_setting, reject_patterns
 
 LVM = "lvm"
 # LVM answers "not found" with exit status 5, like most other failures: the message tells them apart.
@@ -46,22 +49,31 @@ class LvmExists(LvmError, Conflict):
     pass
 
 
-def no_udev_config(monitoring: bool) -> str:
+def no_udev_config(monitoring: bool, global_filter: list[str] = ()) -> str:
     # monitoring = dmeventd, which runs thin_pool_autoextend: keep it on in production, off in tests
     # (it would start a daemon nobody stops).
+    devices = "obtain_device_list_from_udev = 0" + (f" {filter_setting(global_filter)}" if global_filter else "")
     return ("activation { udev_sync = 0 udev_rules = 0 verify_udev_operations = 0 "
-            f"monitoring = {int(monitoring)} }} devices {{ obtain_device_list_from_udev = 0 }} "
+            f"monitoring = {int(monitoring)} }} devices {{ {devices} }} "
             "global { use_lvmpolld = 0 }")
 
 
 class Lvm:
     def __init__(self, *, timeout: float = 60.0, monitoring: bool = True):
         self.timeout = timeout
-        self.config = no_udev_config(monitoring)
+        self.monitoring = monitoring
+        self._hosts_filter: list[str] | None = None  # lvm.conf's global_filter, read once
+
+    def config(self) -> str:
+        """The ``--config`` of one command: no udev, and no scan of devices that wait on Ceph
+        (lvm_devices: recomputed each time, attachments come and go)."""
+        if self._hosts_filter is None:
+            self._hosts_filter = configured_global_filter(self.timeout)
+        return no_udev_config(self.monitoring, reject_patterns() + (self._hosts_filter or []))
 
     def __call__(self, command: str, *args: str, what: str = "", timeout: float | None = None) -> str:
         """Run ``lvm command args``; return stdout. Raises LvmNotFound / LvmInUse / LvmExists / LvmError."""
-        argv = [LVM, command, "--config", self.config, *args]
+        argv = [LVM, command, "--config", self.config(), *args]
         try:
             return run(argv, timeout=timeout or self.timeout, env=_ENV).stdout
         except CommandTimeout as exc:
