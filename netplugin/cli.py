@@ -97,8 +97,11 @@ def _serve(config: dict) -> None:
             start_elected("overlay agent", os.path.join(locks, "overlay-agent.lock"), OverlayAgent(services).run)
         if config["docker_host"] and config["gc_interval"] > 0:  # what crashes left that Docker forgot
             from .docker_gc import DockerGC
+            from .ipam import Ipam
+            local_ipam = services.ipam if isinstance(services.ipam, Ipam) else None  # not the shared one
             start_elected("docker gc", os.path.join(locks, "docker-gc.lock"), DockerGC(
-                services.driver, config["docker_host"], config["gc_interval"], config["gc_grace"]).run)
+                services.driver, config["docker_host"], config["gc_interval"], config["gc_grace"],
+                ipam=local_ipam).run)
         if config["labels"]:  # rates from container labels, read from Docker's events
             from .label_watcher import LabelWatcher
             start_elected("label watcher", os.path.join(locks, "label-watcher.lock"),

@@ -270,6 +270,15 @@ class Ipam(IpamBase):
             for r in rows
         ]
 
+    def addresses(self, pool_id: str) -> list[tuple[str, str]]:
+        """(address, "gateway" or "address") of a pool's allocations ([] if unknown)."""
+        rows = self.store.read().execute(
+            "SELECT a.addr, a.kind, p.v6 FROM ipam_addresses a JOIN ipam_pools p ON p.id = a.pool_id"
+            " WHERE a.pool_id = ? ORDER BY a.addr",
+            (pool_id,),
+        ).fetchall()
+        return [(str(from_key(r["addr"], bool(r["v6"]))), r["kind"]) for r in rows]
+
     def allocated(self, pool_id: str) -> list[str]:
         """Addresses in use in a pool, gateway included, in numeric order ([] if unknown)."""
         rows = self.store.read().execute(

@@ -6,7 +6,6 @@ host, Ceph and "Docker" after every round and at the end, once everything was re
 of operations, faults and findings; any finding fails the test."""
 import os
 import random
-import sqlite3
 import uuid
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from tests.lab.plugin import rbd_volplugin
 from tests.lab.rbd import end_attachments_under
 from tests.lab.volaudit import ceph_images
-from tests.lab.voltorture import VolTorture
+from tests.lab.voltorture import VolTorture, state_row_counts
 
 pytestmark = pytest.mark.kernel
 ROUND = 10
@@ -34,7 +33,7 @@ def test_kill_9_and_osd_stops_at_random_points_leak_nothing(own_ceph, tmp_path):
         torture.teardown()
         torture.audit("after removing everything")
         left = ceph_images(own_ceph, prefix)
-        plugin_rows = _count_rows(plugin)
+        plugin_rows = state_row_counts(plugin)
         if left or any(plugin_rows.values()):
             torture.findings.append(f"at the end: images {sorted(left)}, plugin rows {plugin_rows}")
     finally:
@@ -45,11 +44,3 @@ def test_kill_9_and_osd_stops_at_random_points_leak_nothing(own_ceph, tmp_path):
     assert "Traceback" not in log, plugin.log_tail(80)
     assert torture.findings == []
 
-
-def _count_rows(plugin) -> dict:
-    db = sqlite3.connect(plugin.state_dir / "volplugin.db", timeout=10)
-    try:
-        return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                for t in ("volumes", "attachments", "mount_ids")}
-    finally:
-        db.close()

@@ -74,10 +74,11 @@ def test_docker_operations_with_crashes_leak_nothing(physnet, dockerd, plugin, v
 
 class CuttingProxy(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """A plugin socket in front of ``plugin``'s: forwards every request, except that it closes the connection
-    of the first request to ``cut`` without an answer, as a plugin killed in the middle of it would."""
+    of the ``nth`` request to ``cut`` without an answer, as a plugin killed in the middle of it would: before
+    forwarding it (nothing done) or, ``after_forwarding``, once the plugin carried it out (reply lost)."""
     daemon_threads = True
 
-    def __init__(self, plugin, cut: str):
+    def __init__(self, plugin, cut: str, *, nth: int = 1, after_forwarding: bool = False):
         self.target, self.cut, self.name = plugin.socket, cut, f"npcut{secrets.token_hex(3)}"
         self.path, self.seen = plugin.socket.with_name(f"{self.name}.sock"), []
         server = self
@@ -86,11 +87,15 @@ class CuttingProxy(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 server.seen.append((self.path, body))
-                if self.path == server.cut and sum(p == server.cut for p, _ in server.seen) == 1:
+                cutting = self.path == server.cut and sum(p == server.cut for p, _ in server.seen) == nth
+                if cutting and not after_forwarding:
                     self.close_connection = True
                     return
                 status, answer = http_unix(server.target, "POST", self.path, body,
                                            {"Accept": self.headers.get("Accept", "")}, timeout=60)
+                if cutting:
+                    self.close_connection = True
+                    return
                 self.send_response(status)
                 self.send_header("Content-Type", "application/vnd.docker.plugins.v1.2+json")
                 self.send_header("Content-Length", str(len(answer)))
@@ -158,3 +163,43 @@ def test_a_network_docker_forgot_is_collected(docker, plugin):
     kept = {n["Name"] for n in json.loads(docker("network", "inspect", "kept", "again").stdout)}
     assert kept == {"kept", "again"} and len(plugin.state_rows("SELECT id FROM networks")) == 2
     docker("network", "rm", "kept", "again")
+
+
+def test_cut_ipam_replies_are_collected(docker, plugin):
+    """A RequestPool, then a RequestAddress, that the plugin carried out but whose reply a kill cut: dockerd
+    re-sent each empty (refused) and failed the `network create` / `run`, so the pool reference and the
+    address stayed reserved in the plugin with nothing in Docker to release them. The garbage collection
+    (every 1 s here, grace 3 s) releases both; the addresses of Docker's network and container stay."""
+    plugin.env.update(NETPLUGIN_GC_INTERVAL="1", NETPLUGIN_GC_GRACE="3")
+    plugin.restart()
+    proxy = CuttingProxy(plugin, "/IpamDriver.RequestPool", after_forwarding=True)
+    try:
+        res = docker("network", "create", "-d", proxy.name, "--ipam-driver", proxy.name, "--subnet",
+                     "10.77.0.0/25", "-o", "parent=eth1", "cutpool", check=False)
+        assert res.returncode != 0, "dockerd got no reply, yet created the network"
+        assert plugin.state_rows("SELECT pool, refs FROM ipam_pools") == [("10.77.0.0/25", 1)]
+        wait_until(lambda: plugin.state_rows("SELECT id FROM ipam_pools") == [], 30, "the pool reference released")
+    finally:
+        proxy.close()
+
+    # the first RequestAddress is the network's gateway; the second, the container's, is cut
+    proxy = CuttingProxy(plugin, "/IpamDriver.RequestAddress", nth=3, after_forwarding=True)
+    try:
+        docker("network", "create", "-d", proxy.name, "--ipam-driver", proxy.name, "--subnet", "10.77.0.0/25",
+               "-o", "parent=eth1", "cutaddr")
+        docker("run", "-d", "--name", "kept", "--network", "cutaddr", IMAGE, "sleep", "600")
+        res = docker("run", "-d", "--name", "cut", "--network", "cutaddr", IMAGE, "sleep", "600", check=False)
+        assert res.returncode != 0, "dockerd got no address, yet started the container"
+        docker("rm", "-f", "cut", check=False)
+        addresses = "SELECT addr FROM ipam_addresses WHERE kind = 'address'"
+        assert len(plugin.state_rows(addresses)) == 2, "the container's address and the one nobody got"
+        wait_until(lambda: len(plugin.state_rows(addresses)) == 1, 30, "the address nobody got released")
+        kept = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", "kept").stdout
+        time.sleep(5)  # more than the grace: what Docker's container and network hold stays
+        assert len(plugin.state_rows(addresses)) == 1 and len(plugin.state_rows("SELECT id FROM ipam_pools")) == 1
+        assert kept.strip() == "10.77.0.2"
+    finally:
+        docker("rm", "-f", "kept", "cut", check=False)
+        docker("network", "rm", "cutaddr", check=False)
+        proxy.close()
+

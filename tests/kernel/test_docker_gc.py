@@ -5,7 +5,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from netplugin import config as netconfig
-from netplugin.docker_gc import DockerGC
+from netplugin.docker_gc import DockerGC, Listed
 from netplugin.kernel import links
 from netplugin.service import Services
 
@@ -13,6 +13,7 @@ pytestmark = pytest.mark.kernel
 IPV4 = [{"AddressSpace": "local", "Pool": "10.77.0.0/24", "Gateway": "10.77.0.1/24"}]
 KNOWN, FORGOTTEN = "a1" * 32, "b2" * 32
 UNJOINED, JOINED, LISTED = "e1" * 32, "e2" * 32, "e3" * 32
+NOTHING = {"networks": 0, "endpoints": 0, "pool references": 0, "addresses": 0}
 
 
 class Clock:
@@ -39,30 +40,30 @@ def test_what_docker_forgot_is_collected_after_the_grace_only(lab, tmp_path):
     driver.join(KNOWN, JOINED, "/var/run/docker/netns/x")
     clock = Clock()
     gc = DockerGC(driver, "unix:///nowhere", grace=120, clock=clock)
-    docker = {KNOWN: {LISTED}, "c3" * 32: set()}  # what Docker lists: not FORGOTTEN, not UNJOINED
+    docker = {KNOWN: Listed(frozenset({LISTED})), "c3" * 32: Listed()}  # not FORGOTTEN, not UNJOINED
 
-    assert gc.sweep(docker) == {"networks": 0, "endpoints": 0}  # first seen missing: marked only
+    assert gc.sweep(docker) == NOTHING  # first seen missing: marked only
     clock.now = 119
-    assert gc.sweep(docker) == {"networks": 0, "endpoints": 0}
+    assert gc.sweep(docker) == NOTHING
     clock.now = 120
-    assert gc.sweep(docker) == {"networks": 1, "endpoints": 1}
+    assert gc.sweep(docker) == dict(NOTHING, networks=1, endpoints=1)
     assert driver.state.get_network(FORGOTTEN) is None and _link("npb-" + FORGOTTEN[:11]) is None
     assert _link("eth2").master is None, "the parent is free for the next network"
     assert {ep.id for ep in driver.state.endpoints()} == {JOINED, LISTED}, "joined or listed: kept"
     assert driver.state.get_network(KNOWN) is not None and _link("npb-" + KNOWN[:11]) is not None
     clock.now = 1000
-    assert gc.sweep(docker) == {"networks": 0, "endpoints": 0}
+    assert gc.sweep(docker) == NOTHING
 
     # Missing, listed again (a CreateEndpoint whose Join came late, a dockerd that was restarting), missing
     # again: the grace starts over.
     driver.create_endpoint(KNOWN, UNJOINED, {"Address": "10.77.0.10/24"}, {})
     gc.sweep(docker)
     clock.now = 1100
-    gc.sweep({KNOWN: {LISTED, UNJOINED}})
+    gc.sweep({KNOWN: Listed(frozenset({LISTED, UNJOINED}))})
     clock.now = 1150
-    assert gc.sweep(docker) == {"networks": 0, "endpoints": 0}
+    assert gc.sweep(docker) == NOTHING
     clock.now = 1270
-    assert gc.sweep(docker) == {"networks": 0, "endpoints": 1}
+    assert gc.sweep(docker) == dict(NOTHING, endpoints=1)
 
     driver.leave(KNOWN, JOINED)
     for ep in (JOINED, LISTED):

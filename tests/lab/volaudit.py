@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import rados
 import rbd
@@ -35,6 +36,16 @@ def _loops_under(root: str) -> dict[str, str]:
             if backing.startswith(root + "/"):
                 found["/dev/" + name] = backing
     return found
+
+
+def krbd_mappings() -> dict[str, tuple[str, str]]:
+    """/dev/rbdN -> (pool, image) of every krbd mapping in this kernel, read from sysfs directly (not
+    through the code under test)."""
+    devices = Path("/sys/bus/rbd/devices")
+    if not devices.is_dir():
+        return {}
+    return {f"/dev/rbd{d.name}": ((d / "pool").read_text().strip(), (d / "name").read_text().strip())
+            for d in devices.iterdir()}
 
 
 def _fuse_images(root: str) -> list[str]:
@@ -79,12 +90,13 @@ def ceph_images(ceph, prefix: str) -> dict[str, dict]:
 
 
 def audit_volplugin(plugin, ceph, *, prefix: str, held: dict[str, set], maybe_held: dict[str, set],
-                    maybe_present: set[str], watches_may_linger: bool = False) -> list[str]:
+                    maybe_present: set[str], watches_may_linger: bool = False, attach: str = "fuse") -> list[str]:
     """``held``: volume -> the mount IDs Docker holds (every volume Docker has); ``maybe_held``: IDs whose
     Mount or Unmount reply was lost (the plugin may keep them or not); ``maybe_present``: names whose
     Create or Remove reply was lost (the plugin may have them or not); ``watches_may_linger``: a client
     died within osd_client_watch_timeout (every OSD start re-arms that timer), so its watch may still
-    be there. Only volumes named ``prefix``* are looked at."""
+    be there; ``attach``: how the plugin attaches here, "fuse" (rbd-fuse + loop) or "krbd". Only volumes
+    named ``prefix``* are looked at."""
     root = str(plugin.state_dir)
     db = plugin.state_dir / "volplugin.db"
     volumes = {r["name"]: r["status"] for r in read_rows(db, "SELECT name, status FROM volumes")
@@ -117,20 +129,7 @@ def audit_volplugin(plugin, ceph, *, prefix: str, held: dict[str, set], maybe_he
             found.append(f"volume {name} is attached with no mount ID")
 
     # state against this host
-    mounts = _mounts_under(root)
-    fuse_mounts = [m for m in mounts if m.startswith(os.path.join(root, "rbd") + "/")]
-    volume_mounts = sorted(set(mounts) - set(fuse_mounts))
-    if volume_mounts != sorted(attached.values()):
-        found.append(f"mounts {volume_mounts} differ from the attachments' {sorted(attached.values())}")
-    if len(fuse_mounts) != len(attached):
-        found.append(f"{len(fuse_mounts)} rbd-fuse mounts for {len(attached)} attachments: {fuse_mounts}")
-    loops = _loops_under(root)
-    loop_images = sorted(os.path.basename(b) for b in loops.values())
-    if loop_images != sorted(attached):
-        found.append(f"loop devices {sorted(loops.items())} for the attachments {sorted(attached)}")
-    fuse_images = sorted(i for i in _fuse_images(root) if i.startswith(prefix))
-    if fuse_images != sorted(attached):
-        found.append(f"rbd-fuse processes for {fuse_images}, attachments {sorted(attached)}")
+    found += (_host_fuse if attach == "fuse" else _host_krbd)(root, ceph, prefix, attached)
 
     # state against Ceph
     images = ceph_images(ceph, prefix)
@@ -148,4 +147,38 @@ def audit_volplugin(plugin, ceph, *, prefix: str, held: dict[str, set], maybe_he
         if (facts["watchers"] and not watches_may_linger) or facts["lock_owners"]:
             found.append(f"volume {name} not attached here has {facts['watchers']} watcher(s) and "
                          f"{facts['lock_owners']} lock owner(s)")
+    return found
+
+
+def _host_fuse(root: str, ceph, prefix: str, attached: dict[str, str]) -> list[str]:
+    """Mounts, loop devices and rbd-fuse processes under the plugin's state directory."""
+    found = []
+    mounts = _mounts_under(root)
+    fuse_mounts = [m for m in mounts if m.startswith(os.path.join(root, "rbd") + "/")]
+    volume_mounts = sorted(set(mounts) - set(fuse_mounts))
+    if volume_mounts != sorted(attached.values()):
+        found.append(f"mounts {volume_mounts} differ from the attachments' {sorted(attached.values())}")
+    if len(fuse_mounts) != len(attached):
+        found.append(f"{len(fuse_mounts)} rbd-fuse mounts for {len(attached)} attachments: {fuse_mounts}")
+    loops = _loops_under(root)
+    loop_images = sorted(os.path.basename(b) for b in loops.values())
+    if loop_images != sorted(attached):
+        found.append(f"loop devices {sorted(loops.items())} for the attachments {sorted(attached)}")
+    fuse_images = sorted(i for i in _fuse_images(root) if i.startswith(prefix))
+    if fuse_images != sorted(attached):
+        found.append(f"rbd-fuse processes for {fuse_images}, attachments {sorted(attached)}")
+    return found
+
+
+def _host_krbd(root: str, ceph, prefix: str, attached: dict[str, str]) -> list[str]:
+    """Mounts under the plugin's state directory and the kernel's mappings of the test's images."""
+    found = []
+    volume_mounts = sorted(_mounts_under(root))
+    if volume_mounts != sorted(attached.values()):
+        found.append(f"mounts {volume_mounts} differ from the attachments' {sorted(attached.values())}")
+    mapped = sorted(image for pool, image in krbd_mappings().values() if pool == ceph.pool and image.startswith(prefix))
+    if mapped != sorted(attached):
+        found.append(f"krbd mappings of {mapped}, attachments {sorted(attached)}")
+    if _loops_under(root) or _fuse_images(root):
+        found.append(f"loop devices {_loops_under(root)} / rbd-fuse for {_fuse_images(root)} with krbd")
     return found

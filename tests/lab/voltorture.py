@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -34,9 +35,9 @@ class VolTorture(NetTorture):
     """Shares the wire (call/quietly, retries, lost replies), the fault injection and step() with the
     netplugin torture; the operations and the audit are the volume driver's."""
 
-    def __init__(self, plugin, ceph, rng: random.Random, *, prefix: str):
+    def __init__(self, plugin, ceph, rng: random.Random, *, prefix: str, attach: str = "fuse"):
         super().__init__(plugin, [], rng)
-        self.ceph, self.prefix = ceph, prefix
+        self.ceph, self.prefix, self.attach = ceph, prefix, attach  # attach: what volaudit checks on the host
         self.volumes: dict[str, dict] = {}  # name -> {"callers": set, "tokens": [str], "mountpoint"}
         self.retry_unmounts: dict[str, str] = {}  # mount ID whose Unmount failed -> volume
         self.removing: set[str] = set()  # volumes whose Remove reply was lost: repeated later
@@ -164,7 +165,7 @@ class VolTorture(NetTorture):
             maybe_held.setdefault(name, set()).add(caller)
         found = audit_volplugin(self.plugin, self.ceph, prefix=self.prefix, held=held,
                                 maybe_held=maybe_held, maybe_present=self.removing | self.failed_creates,
-                                watches_may_linger=self._watches_may_linger())
+                                watches_may_linger=self._watches_may_linger(), attach=self.attach)
         for name, volume in self.volumes.items():  # data of what is mounted now
             if volume["callers"] and volume["tokens"]:
                 path = Path(volume["mountpoint"], TOKEN_FILE)
@@ -219,3 +220,12 @@ class VolTorture(NetTorture):
             return
         super().kill_and_restart()
 
+
+def state_row_counts(plugin) -> dict:
+    """Rows left in the plugin's volumes, attachments and mount_ids tables."""
+    db = sqlite3.connect(plugin.state_dir / "volplugin.db", timeout=10)
+    try:
+        return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                for t in ("volumes", "attachments", "mount_ids")}
+    finally:
+        db.close()

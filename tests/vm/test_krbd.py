@@ -24,19 +24,10 @@ from plugincore.errors import Conflict
 from tests.lab import mounts_under, sh
 from tests.lab.ceph import destroy_cluster, skip_reason, throwaway_cluster
 from tests.lab.rbd import MiB, Hosts
+from tests.lab.volaudit import krbd_mappings
 from volplugin.backends.base import VolumeSpec
 
 pytestmark = pytest.mark.vm
-RBD_DEVICES = Path("/sys/bus/rbd/devices")
-
-
-def krbd_mappings() -> dict[str, tuple[str, str]]:
-    """/dev/rbdN -> (pool, image) of every krbd mapping in this kernel, read from sysfs directly (not
-    through the code under test)."""
-    if not RBD_DEVICES.is_dir():
-        return {}
-    return {f"/dev/rbd{d.name}": ((d / "pool").read_text().strip(), (d / "name").read_text().strip())
-            for d in RBD_DEVICES.iterdir()}
 
 
 def sysfs_size(device: str) -> int:

@@ -7,7 +7,7 @@ import pytest
 
 from plugincore.errors import Conflict, InvalidRequest, NotFound
 from volplugin.backends.base import VolumeSpec
-from volplugin.backends.lvm import SNAPSHOT_TAG, TAG
+from volplugin.backends.lvm import SNAPSHOT_TAG, TAG, LvmBackend
 
 pytestmark = pytest.mark.vm
 MiB = 2**20
@@ -61,6 +61,10 @@ def test_create_attach_detach_remove(pool, backend, tmp_path):
 
     device = backend.attach(vol)
     assert os.path.exists(device) and backend.attached() == {"lv-basic": device}
+    # configured for another volume group since: the volume is still seen (start-up reconciliation)
+    moved = LvmBackend(vg="vgelsewhere", thin_pool="tp", host_id="hostA", state_dir=str(tmp_path / "s2"),
+                       monitoring=False)
+    assert moved.attached() == {"lv-basic": device}
     assert backend.attach(vol) == device  # idempotent
     assert backend.holder(vol).host == "hostA"
     write_file(device, tmp_path, "f", "kept")

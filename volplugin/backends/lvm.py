@@ -258,7 +258,10 @@ class LvmBackend(Backend, LocalOnlyCatalog):
             pass
 
     def attached(self) -> dict[str, str]:
-        return {r["lv_name"]: r["lv_dm_path"] for r in self._rows(self.vg)
+        """Active volumes in every volume group: a volume stays in the one it was created in when the
+        configured ``vg`` changes, and start-up reconciliation must still see it."""
+        rows = self.lvm.report("lvs", fields=FIELDS, what="listing logical volumes")
+        return {r["lv_name"]: r["lv_dm_path"] for r in rows
                 if self._ours(r) and not self._is_snapshot(r) and r["lv_active"] == "active"}
 
     def holder(self, spec: VolumeSpec) -> Holder | None:
