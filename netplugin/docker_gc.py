@@ -27,6 +27,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from plugincore.background import every_interval_with_docker
+
 log = logging.getLogger("netplugin.gc")
 
 
@@ -137,25 +139,12 @@ class DockerGC:
         return listed
 
     def run(self, stop: threading.Event) -> None:
-        import docker
+        every_interval_with_docker(self.docker_host, self.interval, stop, self.one_pass)
 
-        failures = 0
-        while not stop.wait(self.interval):
-            client = None
-            try:
-                client = docker.DockerClient(base_url=self.docker_host, timeout=30)
-                collected = self.sweep(self.listing(client))
-                failures = 0
-            except Exception as exc:  # noqa: BLE001 - dockerd down or restarting: nothing is collected
-                failures += 1
-                if failures == 1 or failures % 30 == 0:
-                    log.warning("garbage collection: Docker at %s: %s; retrying", self.docker_host, exc)
-                continue
-            finally:
-                if client is not None:
-                    client.close()
-            if any(collected.values()):
-                log.info("garbage collection: %s", collected)
+    def one_pass(self, client) -> None:
+        collected = self.sweep(self.listing(client))
+        if any(collected.values()):
+            log.info("garbage collection: %s", collected)
 
 
 def docker_network(details: dict) -> Listed:

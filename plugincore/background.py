@@ -39,3 +39,27 @@ def start_elected(name: str, lock_path: str, work) -> threading.Thread:
     thread = threading.Thread(target=run_elected, args=(name, lock_path, work), name=name, daemon=True)
     thread.start()
     return thread
+
+
+def every_interval_with_docker(docker_host: str, interval: float, stop: threading.Event, one_pass,
+                               what: str = "garbage collection") -> None:
+    """Until ``stop``: every ``interval`` seconds, ``one_pass(client)`` with a fresh Docker client for
+    ``docker_host``. A dockerd that is down or restarting is logged (the first time and every 30th) and
+    tried again at the next interval: nothing is done without Docker's answer."""
+    import docker
+
+    failures = 0
+    while not stop.wait(interval):
+        client = None
+        try:
+            client = docker.DockerClient(base_url=docker_host, timeout=30)
+            one_pass(client)
+            failures = 0
+        except Exception as exc:  # noqa: BLE001 - retried at the next interval
+            failures += 1
+            if failures == 1 or failures % 30 == 0:
+                log.warning("%s: Docker at %s: %s; retrying", what, docker_host, exc)
+        finally:
+            if client is not None:
+                client.close()
+

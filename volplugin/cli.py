@@ -2,6 +2,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 
 from plugincore.errors import PluginError
@@ -90,8 +91,16 @@ def _serve(config: dict) -> None:
         except Exception:  # noqa: BLE001 - keep serving: requests then fail with clear errors
             log.exception("start-up (cluster or reconciliation) failed")
 
+    def on_worker():
+        if config["docker_host"] and config["gc_interval"] > 0:  # mounts a cut-off Mount reply left
+            from plugincore.background import start_elected
+            from .docker_gc import VolumeGC
+            start_elected("docker gc", os.path.join(config["state_dir"], "docker-gc.lock"), VolumeGC(
+                Services(config).driver, config["docker_host"], config["gc_interval"], config["gc_grace"]).run)
+
     serve(lambda: create_app(config), config["socket"], workers=config["workers"], threads=config["threads"],
-          log_level=config["log_level"], on_ready=on_ready, name="volplugin", log_format=config["log_format"],
+          log_level=config["log_level"], on_ready=on_ready, on_worker=on_worker, name="volplugin",
+          log_format=config["log_format"],
           metrics=exporter_for(config, "volplugin", collectors))
 
 

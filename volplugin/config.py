@@ -18,6 +18,9 @@ DEFAULTS = {
     "log_format": "text",  # text | json (one object per line)
     "metrics_address": "",  # HOST:PORT of the Prometheus /metrics endpoint; "" = off
     "backends": ["rbd"],  # the storage backends this host serves
+    "docker_host": "unix:///run/docker.sock",  # for the garbage collection only; "" = none
+    "gc_interval": 60.0,  # seconds between garbage collections against Docker's containers; 0 = off
+    "gc_grace": 120.0,  # how long no running container may have mounted a volume before it is released
     "volume": {
         "backend": "rbd",
         "size": "10G",
@@ -59,6 +62,8 @@ def load(path: str | None = None, overrides: dict | None = None, environ=None) -
     unknown = [b for b in config["backends"] if b not in BACKENDS]
     if unknown or not config["backends"]:
         raise InvalidRequest(f"backends {config['backends']!r}: choose from {', '.join(BACKENDS)}")
+    if config["gc_interval"] < 0 or config["gc_grace"] < 0:
+        raise InvalidRequest("gc_interval and gc_grace must not be negative")
     if config["volume"]["backend"] not in config["backends"]:
         raise InvalidRequest(f"volume.backend {config['volume']['backend']!r} is not among the configured "
                              f"backends ({', '.join(config['backends'])})")

@@ -181,21 +181,31 @@ class VolumeDriver:
             self._catalog(volume["options"]).catalog_delete(name)
             self.state.drop_volume(name)
 
-    def _release_stale_mount(self, name: str) -> None:
+    def release_stale_mounts(self, name: str, stale: frozenset, why: str) -> bool:
+        """For the garbage collection (volplugin.docker_gc): drop the mount IDs of ``name`` and unmount it,
+        if all its IDs are among ``stale`` (a Mount since then is a container starting). Conflict while a
+        process in another mount namespace has the filesystem. True if something was released."""
+        with self._lock(name):
+            if self.state.volume(name) is None or not set(self.state.callers(name)) <= stale:
+                return False
+            return self._release_stale_mount(name, why)
+
+    def _release_stale_mount(self, name: str, why: str = "Docker removes it") -> bool:
         """Docker sends Remove only for a volume no container of its own refers to, so mount IDs still
         recorded here are stale: a Mount whose reply a crash cut off (Docker never learnt the ID, so
         never unmounts it) or an Unmount that never came. They are dropped and the volume unmounted,
         unless a process in another mount namespace (a container) still has the filesystem."""
         callers, attached = self.state.callers(name), self.state.attachment(name)
         if not callers and not attached:
-            return
+            return False
         users = filesystem.used_in_other_namespaces(attached["mountpoint"]) if attached else []
         if users:
             raise Conflict(f"volume {name} is mounted on this host by {len(callers)} container(s) and still "
                            f"in use (process {users[0]} has it mounted)")
-        log.warning("Remove of %s: dropping %d mount ID(s) Docker no longer holds (%s) and unmounting it",
-                    name, len(callers), ", ".join(c[:12] for c in callers))
+        log.warning("volume %s: %s; dropping %d mount ID(s) Docker no longer holds (%s) and unmounting it",
+                    name, why, len(callers), ", ".join(c[:12] for c in callers))
         self._unmount_and_detach(name)
+        return True
 
     # Mount / Unmount
     def mount(self, name: str, caller: str) -> str:

@@ -203,3 +203,32 @@ def test_cut_ipam_replies_are_collected(docker, plugin):
         docker("network", "rm", "cutaddr", check=False)
         proxy.close()
 
+
+
+def test_a_mount_whose_reply_was_cut_is_released(docker, dockerd, volplugin):
+    """A Mount the plugin carried out but whose reply a kill cut: dockerd re-sent it empty (refused) and
+    failed the `docker run`, never learning the mount ID, so it never unmounts it; the volume stayed
+    mounted and attached (on RBD: owned by this host) with no container. The garbage collection against
+    Docker's containers (every 1 s here, grace 3 s) unmounts it; a running container's volume stays."""
+    volplugin.env.update(VOLPLUGIN_GC_INTERVAL="1", VOLPLUGIN_GC_GRACE="3", VOLPLUGIN_DOCKER_HOST=dockerd.host)
+    volplugin.restart()
+    proxy = CuttingProxy(volplugin, "/VolumeDriver.Mount", after_forwarding=True)
+    cut, kept = f"gc{secrets.token_hex(3)}", f"gc{secrets.token_hex(3)}"
+    try:
+        for name in (cut, kept):
+            docker("volume", "create", "-d", proxy.name, "-o", "size=64M", "-o", "fs=ext4", name)
+        res = docker("run", "-d", "--name", "cutvol", "-v", f"{cut}:/data", IMAGE, "sleep", "600", check=False)
+        assert res.returncode != 0, "dockerd got no mount point, yet started the container"
+        docker("rm", "-f", "cutvol", check=False)
+        mounted = "SELECT volume FROM attachments"
+        assert volplugin.state_rows(mounted) == [(cut,)], "the cut Mount left the volume mounted"
+        docker("run", "-d", "--name", "keeps", "-v", f"{kept}:/data", IMAGE, "sleep", "600")
+        wait_until(lambda: volplugin.state_rows(mounted) == [(kept,)], 30, "the volume nobody mounts released")
+        time.sleep(5)  # more than the grace: the running container's volume stays
+        assert volplugin.state_rows(mounted) == [(kept,)]
+        docker("exec", "keeps", "touch", "/data/still-here")
+    finally:
+        docker("rm", "-f", "cutvol", "keeps", check=False)
+        for name in (cut, kept):
+            docker("volume", "rm", name, check=False)
+        proxy.close()

@@ -84,6 +84,7 @@ class Plugin:
         else:  # never act on a dockerd the lab did not start: no label watcher, no garbage collection
             env["NETPLUGIN_LABELS"] = "0"
             env["NETPLUGIN_GC_INTERVAL"] = "0"
+            env["VOLPLUGIN_GC_INTERVAL"] = "0"
         env.update(self.env)
         with open(self.log, "ab") as logf:
             logf.write(f"\n=== lab: start #{self.starts} of {self.name} at "
@@ -179,7 +180,8 @@ class Plugin:
     def state_rows(self, sql: str) -> list[tuple]:
         """Query the plugin's SQLite state directly (SELECTs only; ``status`` would cost a Python
         start-up, seconds in the VM lane)."""
-        db = sqlite3.connect(self.state_dir / "netplugin.db", timeout=10)
+        own = "volplugin.db" if (self.state_dir / "volplugin.db").exists() else "netplugin.db"
+        db = sqlite3.connect(self.state_dir / own, timeout=10)
         try:
             return db.execute(sql).fetchall()
         finally:
