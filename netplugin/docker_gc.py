@@ -16,8 +16,9 @@ Docker's lists yet). A joined endpoint is never collected here. Pools and addres
 IPAM, and a pool only while every network of Docker's on its subnet has local scope: a swarm or
 multi-host network has addresses this host's Docker does not list. A pool is matched to Docker's
 networks by subnet, whatever IPAM driver name Docker shows for them (a plugin may be known under more
-than one name): a network of another IPAM on the same subnet only makes the collection keep more. Runs in one elected worker (plugincore.background), never in a request handler: calling dockerd
-from there can deadlock it. Off when ``gc_interval`` is 0 or ``docker_host`` is empty.
+than one name): a network of another IPAM on the same subnet only makes the collection keep more.
+Runs in one elected worker (plugincore.background), never in a request handler: calling dockerd from
+there can deadlock it. Off when ``gc_interval`` is 0 or ``docker_host`` is empty.
 """
 from __future__ import annotations
 

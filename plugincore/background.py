@@ -41,8 +41,7 @@ def start_elected(name: str, lock_path: str, work) -> threading.Thread:
     return thread
 
 
-def every_interval_with_docker(docker_host: str, interval: float, stop: threading.Event, one_pass,
-                               what: str = "garbage collection") -> None:
+def every_interval_with_docker(docker_host: str, interval: float, stop: threading.Event, one_pass) -> None:
     """Until ``stop``: every ``interval`` seconds, ``one_pass(client)`` with a fresh Docker client for
     ``docker_host``. A dockerd that is down or restarting is logged (the first time and every 30th) and
     tried again at the next interval: nothing is done without Docker's answer."""
@@ -58,8 +57,7 @@ def every_interval_with_docker(docker_host: str, interval: float, stop: threadin
         except Exception as exc:  # noqa: BLE001 - retried at the next interval
             failures += 1
             if failures == 1 or failures % 30 == 0:
-                log.warning("%s: Docker at %s: %s; retrying", what, docker_host, exc)
+                log.warning("garbage collection: Docker at %s: %s; retrying", docker_host, exc)
         finally:
             if client is not None:
                 client.close()
-

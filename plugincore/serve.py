@@ -164,4 +164,3 @@ def _stoppable(on_ready) -> None:
     finally:
         for s, handler in queued_by_gunicorn.items():
             signal.signal(s, handler)
-

@@ -21,7 +21,8 @@ _CEPH_BLOCK_DEVICES = ("r|^/dev/rbd[0-9]|", "r|^/dev/nbd[0-9]|")
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
-def loops_over_rbd_fuse(sys_block: str = "/sys/block", mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
+def loops_over_rbd_fuse(sys_block: str = "/sys/block",
+                        mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
     """(device name, "major:minor") of every loop device whose backing file lies on an rbd-fuse mount."""
     roots = rbd_fuse_mounts(mountinfo)
     if not roots:
